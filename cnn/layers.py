@@ -1,0 +1,416 @@
+"""Pure layers: functions of arrays (NHWC activations, HWIO kernels), no hidden state.
+
+Every layer checks its shapes with chex at trace time, and has an analytic shape function
+(`conv2d_shape`, `pool_shape`) that tests hold against what the layer returns.
+
+`conv2d` owns several exact lowerings of the same convolution (see `CONV_IMPLS`); "auto" picks the
+one that XLA runs fastest. Tests prove each equal to `lax.conv_general_dilated`, values and
+gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnn.geometry import PaddingLike, Pads, effective_kernel, output_hw, pair, resolve_padding
+
+Array = jax.Array
+Shape = tuple[int, ...]
+
+CONV_IMPLS = ("auto", "xla", "dense", "pointwise", "im2col")
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+# ----------------------------------------------------------------------------- shape inference
+def conv2d_shape(
+    x_shape: Shape,
+    w_shape: Shape,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingLike = "VALID",
+    dilation: int | Sequence[int] = 1,
+) -> Shape:
+    """Output shape of `conv2d` for these input and kernel shapes."""
+    b, h, w, _ = x_shape
+    kh, kw, _, o = w_shape
+    pads = resolve_padding(
+        padding, (h, w), (kh, kw), pair(stride, "stride"), pair(dilation, "dilation")
+    )
+    ho, wo = output_hw((h, w), (kh, kw), pair(stride, "stride"), pads, pair(dilation, "dilation"))
+    return (b, ho, wo, o)
+
+
+def pool_shape(
+    x_shape: Shape,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: PaddingLike = "VALID",
+) -> Shape:
+    """Output shape of `max_pool` / `avg_pool`."""
+    b, h, w, c = x_shape
+    win = pair(window, "window")
+    st = win if stride is None else pair(stride, "stride")
+    pads = resolve_padding(padding, (h, w), win, st)
+    ho, wo = output_hw((h, w), win, st, pads)
+    return (b, ho, wo, c)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_fits(layer: str, x: Array, k_eff: tuple[int, int], pads: Pads, what: str) -> None:
+    for axis, k, (lo, hi) in ((1, k_eff[0], pads[0]), (2, k_eff[1], pads[1])):
+        chex.assert_axis_dimension_gteq(
+            x,
+            axis,
+            k - lo - hi,
+            custom_message=(
+                f"{layer}: {what} of extent {k_eff} is larger than the padded input: input shape"
+                f" {tuple(x.shape)}, padding {pads}. Use a smaller kernel, more padding or a"
+                " larger input"
+            ),
+        )
+
+
+def _check_conv(x: Array, w: Array, b: Array | None, groups: int, k_eff, pads: Pads) -> None:
+    chex.assert_rank(
+        x, 4, custom_message=f"conv2d: input x must be NHWC (rank 4), got shape {tuple(x.shape)}"
+    )
+    chex.assert_rank(
+        w, 4, custom_message=f"conv2d: kernel w must be HWIO (rank 4), got shape {tuple(w.shape)}"
+    )
+    c_in, c_out = x.shape[3], w.shape[3]
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+    chex.assert_equal(
+        (c_in % groups, c_out % groups),
+        (0, 0),
+        custom_message=(
+            f"conv2d: groups={groups} must divide the input channels ({c_in}) and the output"
+            f" channels ({c_out}); x {tuple(x.shape)}, w {tuple(w.shape)}"
+        ),
+    )
+    chex.assert_axis_dimension(
+        x,
+        3,
+        w.shape[2] * groups,
+        custom_message=(
+            f"conv2d: input channels of x {tuple(x.shape)} must equal the kernel's input channels"
+            f" x groups = {w.shape[2]} x {groups} (w {tuple(w.shape)})"
+        ),
+    )
+    if b is not None:
+        chex.assert_shape(
+            b,
+            (c_out,),
+            custom_message=f"conv2d: bias must have shape ({c_out},), got {tuple(b.shape)}",
+        )
+    _check_fits("conv2d", x, k_eff, pads, "the dilated kernel")
+
+
+# ----------------------------------------------------------------------------- convolution
+def conv2d(
+    x_BHWC: Array,
+    w_HWIO: Array,
+    b_O: Array | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingLike = "VALID",
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    impl: str = "auto",
+) -> Array:
+    """2-D convolution (cross-correlation, as in every framework) of NHWC x with HWIO w.
+
+    padding: "VALID", "SAME", an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
+    impl: "auto", or one lowering from CONV_IMPLS; all give the same result.
+    """
+    st, dil = pair(stride, "stride"), pair(dilation, "dilation")
+    kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
+    in_hw = (int(x_BHWC.shape[1]), int(x_BHWC.shape[2])) if x_BHWC.ndim == 4 else (0, 0)
+    pads = resolve_padding(padding, in_hw, kernel, st, dil)
+    _check_conv(x_BHWC, w_HWIO, b_O, groups, effective_kernel(kernel, dil), pads)
+    out_hw = output_hw(in_hw, kernel, st, pads, dil)
+    if impl == "auto":
+        impl = choose_conv_impl(in_hw, kernel, st, pads, dil, out_hw)
+    try:
+        lowering = _LOWERINGS[impl]
+    except KeyError:
+        raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}") from None
+    if impl == "pointwise" and kernel != (1, 1):
+        raise ValueError(f"conv2d: impl='pointwise' needs a 1x1 kernel, got {kernel}")
+    if impl == "dense" and out_hw != (1, 1):
+        raise ValueError(
+            f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
+            f" got output {out_hw}"
+        )
+    y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
+    if b_O is not None:
+        y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
+    return y_BHWO
+
+
+def choose_conv_impl(in_hw, kernel, stride, pads, dilation, out_hw) -> str:
+    """The fastest exact lowering XLA offers for this geometry."""
+    del in_hw, stride, pads, dilation
+    if out_hw == (1, 1):
+        return "dense"
+    if kernel == (1, 1):
+        return "pointwise"
+    return "xla"
+
+
+def _pad(x_BHWC: Array, pads: Pads) -> Array:
+    if pads == ((0, 0), (0, 0)):
+        return x_BHWC
+    return jnp.pad(x_BHWC, ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+def _tap(x_BHWC: Array, i: int, j: int, stride, dilation, out_hw) -> Array:
+    """The input pixels that kernel tap (i, j) multiplies, for every output position."""
+    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_hw
+    return lax.slice(
+        x_BHWC,
+        (0, i * dh, j * dw, 0),
+        (x_BHWC.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, x_BHWC.shape[3]),
+        (1, sh, sw, 1),
+    )
+
+
+def _grouped_contract(patches: Array, w_TCO: Array, groups: int) -> Array:
+    """patches (..., T, C) x w (T, C/groups, O) -> (..., O), block-diagonal over groups."""
+    *lead, t, c = patches.shape
+    o = w_TCO.shape[-1]
+    if groups == 1:
+        out = jnp.dot(patches.reshape(-1, t * c), w_TCO.reshape(t * c, o))
+        return out.reshape(*lead, o)
+    cg, og = c // groups, o // groups
+    p = patches.reshape(-1, t, groups, cg)
+    wg = w_TCO.reshape(t, cg, groups, og)
+    out = jnp.einsum("ntgc,tcgo->ngo", p, wg)
+    return out.reshape(*lead, o)
+
+
+def _conv_xla(x, w, stride, pads, dilation, groups, out_hw):
+    del out_hw
+    return lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=stride,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+
+
+def _conv_dense(x, w, stride, pads, dilation, groups, out_hw):
+    """Kernel covers the padded input (one output position): a matmul."""
+    kh, kw, cg, o = w.shape
+    x_win = _tap(_pad(x, pads), 0, 0, dilation, (1, 1), (kh, kw))  # taps of the single window
+    y = _grouped_contract(
+        x_win.reshape(x.shape[0], kh * kw, x.shape[3]), w.reshape(kh * kw, cg, o), groups
+    )
+    return y.reshape(x.shape[0], 1, 1, o)
+
+
+def _conv_pointwise(x, w, stride, pads, dilation, groups, out_hw):
+    """1x1 kernel: a matmul over channels at every (strided) position."""
+    x_sel = _tap(_pad(x, pads), 0, 0, stride, dilation, out_hw)
+    _, _, cg, o = w.shape
+    return _grouped_contract(x_sel[..., None, :], w.reshape(1, cg, o), groups)
+
+
+def _conv_im2col(x, w, stride, pads, dilation, groups, out_hw):
+    """Patches (B, Ho, Wo, kh*kw, C) from kh*kw strided slices, then one matmul."""
+    kh, kw, cg, o = w.shape
+    xp = _pad(x, pads)
+    taps = [_tap(xp, i, j, stride, dilation, out_hw) for i in range(kh) for j in range(kw)]
+    patches = jnp.stack(taps, axis=3)
+    return _grouped_contract(patches, w.reshape(kh * kw, cg, o), groups)
+
+
+_LOWERINGS: dict[str, Callable[..., Array]] = {
+    "xla": _conv_xla,
+    "dense": _conv_dense,
+    "pointwise": _conv_pointwise,
+    "im2col": _conv_im2col,
+}
+
+
+# ----------------------------------------------------------------------------- pooling
+def _pool_args(layer, x, window, stride, padding):
+    chex.assert_rank(
+        x, 4, custom_message=f"{layer}: input must be NHWC (rank 4), got shape {tuple(x.shape)}"
+    )
+    win = pair(window, "window")
+    st = win if stride is None else pair(stride, "stride")
+    pads = resolve_padding(padding, (x.shape[1], x.shape[2]), win, st)
+    _check_fits(layer, x, win, pads, "the pooling window")
+    return win, st, pads, output_hw((x.shape[1], x.shape[2]), win, st, pads)
+
+
+def _is_tiling(x, win, st, pads) -> bool:
+    return win == st and pads == ((0, 0), (0, 0))
+
+
+def _tiles(x, win, out_hw):
+    """Non-overlapping windows as axes: (B, Ho, kh, Wo, kw, C)."""
+    (kh, kw), (ho, wo) = win, out_hw
+    x = x[:, : ho * kh, : wo * kw, :]
+    return x.reshape(x.shape[0], ho, kh, wo, kw, x.shape[3])
+
+
+def max_pool(
+    x_BHWC: Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: PaddingLike = "VALID",
+) -> Array:
+    """Max over windows (stride defaults to the window). Padding counts as -inf."""
+    win, st, pads, out_hw = _pool_args("max_pool", x_BHWC, window, stride, padding)
+    if _is_tiling(x_BHWC, win, st, pads):
+        return jnp.max(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
+    init = jnp.array(-jnp.inf, x_BHWC.dtype)
+    return lax.reduce_window(
+        x_BHWC, init, lax.max, (1, *win, 1), (1, *st, 1), ((0, 0), *pads, (0, 0))
+    )
+
+
+def avg_pool(
+    x_BHWC: Array,
+    window: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: PaddingLike = "VALID",
+    count_include_pad: bool = True,
+) -> Array:
+    """Mean over windows (stride defaults to the window)."""
+    win, st, pads, out_hw = _pool_args("avg_pool", x_BHWC, window, stride, padding)
+    if _is_tiling(x_BHWC, win, st, pads):
+        return jnp.mean(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
+    zero = jnp.array(0, x_BHWC.dtype)
+    dims, strides, padding_ = (1, *win, 1), (1, *st, 1), ((0, 0), *pads, (0, 0))
+    total = lax.reduce_window(x_BHWC, zero, lax.add, dims, strides, padding_)
+    if count_include_pad:
+        return total / jnp.array(win[0] * win[1], x_BHWC.dtype)
+    ones = jnp.ones((1, x_BHWC.shape[1], x_BHWC.shape[2], 1), x_BHWC.dtype)
+    return total / lax.reduce_window(ones, zero, lax.add, dims, strides, padding_)
+
+
+def global_avg_pool(x_BHWC: Array) -> Array:
+    """Mean over all positions: (B, H, W, C) -> (B, C)."""
+    chex.assert_rank(
+        x_BHWC,
+        4,
+        custom_message=f"global_avg_pool: input must be NHWC (rank 4), got {tuple(x_BHWC.shape)}",
+    )
+    return jnp.mean(x_BHWC, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------- normalization
+def batch_norm(
+    x_BHWC: Array,
+    scale_C: Array,
+    bias_C: Array,
+    mean_C: Array,
+    var_C: Array,
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    mask_B: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """Batch normalization; returns (y, new_running_mean, new_running_var).
+
+    train=True normalizes with the batch statistics (over B, H, W; rows with mask_B == 0 are
+    left out) and updates the running ones: new = momentum * old + (1 - momentum) * batch.
+    train=False uses the running statistics and returns them unchanged.
+    """
+    c = x_BHWC.shape[-1]
+    chex.assert_rank(
+        x_BHWC,
+        {2, 4},
+        custom_message=f"batch_norm: input must be (B, C) or NHWC, got {x_BHWC.shape}",
+    )
+    chex.assert_shape(
+        (scale_C, bias_C, mean_C, var_C),
+        (c,),
+        custom_message=f"batch_norm: scale, bias, mean and var must have shape ({c},)",
+    )
+    axes = tuple(range(x_BHWC.ndim - 1))
+    if train:
+        if mask_B is None:
+            mean = jnp.mean(x_BHWC, axis=axes)
+            mean_sq = jnp.mean(jnp.square(x_BHWC), axis=axes)
+        else:
+            chex.assert_shape(
+                mask_B,
+                (x_BHWC.shape[0],),
+                custom_message=f"batch_norm: mask must have shape ({x_BHWC.shape[0]},)",
+            )
+            w = mask_B.astype(x_BHWC.dtype).reshape((-1,) + (1,) * (x_BHWC.ndim - 1))
+            count = jnp.maximum(jnp.sum(w) * (x_BHWC.size // x_BHWC.shape[0] // c), 1)
+            mean = jnp.sum(x_BHWC * w, axis=axes) / count
+            mean_sq = jnp.sum(jnp.square(x_BHWC) * w, axis=axes) / count
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0)
+        m = jnp.asarray(momentum, x_BHWC.dtype)
+        new_mean = m * mean_C + (1 - m) * lax.stop_gradient(mean)
+        new_var = m * var_C + (1 - m) * lax.stop_gradient(var)
+    else:
+        mean, var, new_mean, new_var = mean_C, var_C, mean_C, var_C
+    inv = lax.rsqrt(var + jnp.asarray(eps, x_BHWC.dtype)) * scale_C
+    shape = (1,) * (x_BHWC.ndim - 1) + (c,)
+    y = x_BHWC * inv.reshape(shape) + (bias_C - mean * inv).reshape(shape)
+    return y, new_mean, new_var
+
+
+def dropout(key: Array, x: Array, rate: float, *, deterministic: bool = False) -> Array:
+    """Zeroes each unit with probability `rate` (the DROP rate); scales the rest by 1/(1-rate)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(
+            f"dropout: rate is the probability of dropping a unit, in [0, 1]; got {rate}"
+        )
+    if deterministic or rate == 0.0:
+        return x
+    if rate == 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------- initializers
+Initializer = Callable[..., Array]
+INITIALIZERS: dict[str, Initializer] = {
+    "he_normal": jax.nn.initializers.he_normal(),
+    "he_uniform": jax.nn.initializers.he_uniform(),
+    "glorot_normal": jax.nn.initializers.glorot_normal(),
+    "glorot_uniform": jax.nn.initializers.glorot_uniform(),
+    "lecun_normal": jax.nn.initializers.lecun_normal(),
+    "lecun_uniform": jax.nn.initializers.lecun_uniform(),
+    "zeros": jax.nn.initializers.zeros,
+    "ones": jax.nn.initializers.ones,
+}
+he_normal = INITIALIZERS["he_normal"]
+he_uniform = INITIALIZERS["he_uniform"]
+glorot_normal = INITIALIZERS["glorot_normal"]
+glorot_uniform = INITIALIZERS["glorot_uniform"]
+lecun_normal = INITIALIZERS["lecun_normal"]
+lecun_uniform = INITIALIZERS["lecun_uniform"]
+
+
+def initializer(init: str | Initializer) -> Initializer:
+    """An initializer by name (see INITIALIZERS) or the callable itself.
+
+    Fans follow HWIO: fan_in = kh * kw * in_channels, fan_out = kh * kw * out_channels.
+    """
+    if callable(init):
+        return init
+    try:
+        return INITIALIZERS[init]
+    except KeyError:
+        raise ValueError(
+            f"unknown initializer {init!r}; valid names: {', '.join(sorted(INITIALIZERS))}"
+        ) from None

@@ -1,0 +1,281 @@
+"""Thin Flax Linen modules over the pure layers in `cnn.layers`.
+
+Each module holds its parameters and calls the pure function; `geometry()` says what it does to
+space (read by `cnn.receptive_field`), `output_shape()` infers shapes analytically, and
+`macs()` counts multiply-accumulates per example. Every `__call__` takes `train` so that a
+`Sequential` can pass it to all layers alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnn import activations, layers
+from cnn.geometry import Geometry, PaddingLike, pair
+
+Array = jax.Array
+Shape = tuple[int, ...]
+
+
+class Conv(nn.Module):
+    """2-D convolution, NHWC in and out, HWIO kernel."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    kernel_init: Any = "he_normal"
+    bias_init: Any = "zeros"
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
+        del train
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        if x_BHWC.ndim != 4:
+            raise ValueError(f"Conv {self.name}: input must be NHWC (rank 4), got {x_BHWC.shape}")
+        c_in = x_BHWC.shape[-1]
+        if c_in % self.groups:
+            raise ValueError(
+                f"Conv {self.name}: groups={self.groups} must divide the input channels ({c_in})"
+            )
+        w = self.param(
+            "kernel",
+            layers.initializer(self.kernel_init),
+            (kh, kw, c_in // self.groups, self.features),
+            jnp.float32,
+        )
+        b = (
+            self.param("bias", layers.initializer(self.bias_init), (self.features,), jnp.float32)
+            if self.use_bias
+            else None
+        )
+        return layers.conv2d(
+            x_BHWC,
+            w,
+            b,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            impl=self.impl,
+        )
+
+    def geometry(self) -> Geometry:
+        return Geometry(
+            "window",
+            kernel=pair(self.kernel_size, "kernel_size"),
+            stride=pair(self.stride, "stride"),
+            padding=self.padding,
+            dilation=pair(self.dilation, "dilation"),
+        )
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        return layers.conv2d_shape(
+            in_shape,
+            (kh, kw, in_shape[-1] // self.groups, self.features),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+        )
+
+    def macs(self, in_shape: Shape) -> int:
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        _, ho, wo, o = self.output_shape(in_shape)
+        return ho * wo * o * kh * kw * (in_shape[-1] // self.groups)
+
+    def num_params(self, in_shape: Shape) -> int:
+        kh, kw = pair(self.kernel_size, "kernel_size")
+        return kh * kw * (in_shape[-1] // self.groups) * self.features + (
+            self.features if self.use_bias else 0
+        )
+
+
+class _Pool(nn.Module):
+    window: int | Sequence[int] = 2
+    stride: int | Sequence[int] | None = None
+    padding: PaddingLike = 0
+
+    def _stride(self):
+        return pair(self.window if self.stride is None else self.stride, "stride")
+
+    def geometry(self) -> Geometry:
+        window = pair(self.window, "window")
+        return Geometry("window", kernel=window, stride=self._stride(), padding=self.padding)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return layers.pool_shape(in_shape, self.window, self._stride(), self.padding)
+
+
+class MaxPool(_Pool):
+    """Max pooling; stride defaults to the window."""
+
+    def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
+        del train
+        return layers.max_pool(x_BHWC, self.window, self.stride, self.padding)
+
+
+class AvgPool(_Pool):
+    """Average pooling; stride defaults to the window; padding counts as zeros."""
+
+    def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
+        del train
+        return layers.avg_pool(x_BHWC, self.window, self.stride, self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over all positions: (B, H, W, C) -> (B, C)."""
+
+    def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
+        del train
+        return layers.global_avg_pool(x_BHWC)
+
+    def geometry(self) -> Geometry:
+        return Geometry("global")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return (in_shape[0], in_shape[-1])
+
+
+class _Pointwise(nn.Module):
+    """A layer that keeps the spatial geometry."""
+
+    def geometry(self) -> Geometry:
+        return Geometry("identity")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return tuple(in_shape)
+
+
+class BatchNorm(_Pointwise):
+    """Batch normalization: batch statistics when training, running statistics otherwise."""
+
+    momentum: float = 0.9
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, mask_B: Array | None = None) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if not self.use_scale:
+            scale = jax.lax.stop_gradient(jnp.ones_like(scale))
+        if not self.use_bias:
+            bias = jax.lax.stop_gradient(jnp.zeros_like(bias))
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        y, new_mean, new_var = layers.batch_norm(
+            x,
+            scale,
+            bias,
+            mean.value,
+            var.value,
+            train=train,
+            momentum=self.momentum,
+            eps=self.eps,
+            mask_B=mask_B,
+        )
+        if train and not self.is_initializing():
+            mean.value, var.value = new_mean, new_var
+        return y
+
+    def num_params(self, in_shape: Shape) -> int:
+        return 2 * in_shape[-1]
+
+
+class Dropout(_Pointwise):
+    """Drops each unit with probability `rate` when training (rng stream "dropout")."""
+
+    rate: float
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if not train or self.rate == 0.0:
+            return layers.dropout(jax.random.PRNGKey(0), x, self.rate, deterministic=True)
+        return layers.dropout(self.make_rng("dropout"), x, self.rate)
+
+
+class Activation(_Pointwise):
+    """An activation from `cnn.activations`, by name."""
+
+    fn: str = "relu"
+
+    def __post_init__(self):
+        activations.get(self.fn)  # fail at construction, with the list of valid names
+        super().__post_init__()
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        del train
+        return activations.get(self.fn)(x)
+
+
+class Flatten(_Pointwise):
+    """(B, H, W, C) -> (B, H*W*C), row-major as Keras and PyTorch-on-NHWC."""
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        del train
+        return x.reshape(x.shape[0], -1)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return (in_shape[0], math.prod(in_shape[1:]))
+
+
+def _layer_name(layer: nn.Module, index: int) -> str:
+    """The user's name for the layer, else "<index>_<type>" (Flax renames list members layers_i)."""
+    if layer.name and not layer.name.startswith("layers_"):
+        return layer.name
+    return f"{index}_{type(layer).__name__.lower()}"
+
+
+class Sequential(nn.Module):
+    """Layers applied in order. `return_features=True` also returns every layer's output by name."""
+
+    layers: Sequence[nn.Module]
+
+    def __post_init__(self):
+        # Read the names before Flax adopts the layers (and renames them layers_<i>).
+        names = tuple(_layer_name(layer, i) for i, layer in enumerate(self.layers))
+        if len(set(names)) != len(names):
+            raise ValueError(f"Sequential: layer names must be unique, got {names}")
+        object.__setattr__(self, "_names", names)
+        super().__post_init__()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        return_features: bool = False,
+        mask_B: Array | None = None,
+    ):
+        features: dict[str, Array] = {}
+        for name, layer in zip(self.names, self.layers, strict=True):
+            if mask_B is not None and isinstance(layer, BatchNorm):
+                x = layer(x, train=train, mask_B=mask_B)
+            else:
+                x = layer(x, train=train)
+            if return_features:
+                features[name] = x
+        return (x, features) if return_features else x
+
+    def output_shapes(self, in_shape: Shape) -> list[Shape]:
+        """Each layer's output shape, inferred without running anything."""
+        shapes, shape = [], tuple(in_shape)
+        for layer in self.layers:
+            shape = tuple(layer.output_shape(shape))
+            shapes.append(shape)
+        return shapes
