@@ -1,6 +1,27 @@
 """cnn: convolutional networks from first principles in JAX/Flax."""
 
-from cnn import activations, geometry, layers, nn
+from cnn import (
+    activations,
+    augment,
+    data,
+    geometry,
+    layers,
+    model_summary,
+    models,
+    nn,
+    receptive_field,
+)
+from cnn.augment import MNIST_MEAN, MNIST_STD, NORMALIZED_BLACK, normalize
+from cnn.data import (
+    MnistChecksumError,
+    MnistFormatError,
+    MnistNotFoundError,
+    epoch_indices,
+    iterate_batches,
+    load_mnist,
+    steps_per_epoch,
+    total_steps,
+)
 from cnn.geometry import Geometry
 from cnn.layers import (
     avg_pool,
@@ -12,6 +33,7 @@ from cnn.layers import (
     max_pool,
     pool_shape,
 )
+from cnn.model_summary import SummaryRow, summary
 from cnn.nn import (
     Activation,
     AvgPool,
@@ -23,8 +45,47 @@ from cnn.nn import (
     MaxPool,
     Sequential,
 )
+from cnn.receptive_field import (
+    RFRow,
+    assert_covers,
+    assert_monotone,
+    effective_receptive_field,
+    field_box,
+    measured_positions,
+    predicted_positions,
+    propagate,
+    table,
+)
 
 __all__ = [
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "NORMALIZED_BLACK",
+    "MnistChecksumError",
+    "MnistFormatError",
+    "MnistNotFoundError",
+    "RFRow",
+    "SummaryRow",
+    "assert_covers",
+    "assert_monotone",
+    "augment",
+    "data",
+    "effective_receptive_field",
+    "epoch_indices",
+    "field_box",
+    "iterate_batches",
+    "load_mnist",
+    "measured_positions",
+    "models",
+    "normalize",
+    "predicted_positions",
+    "propagate",
+    "receptive_field",
+    "steps_per_epoch",
+    "model_summary",
+    "summary",
+    "table",
+    "total_steps",
     "Activation",
     "AvgPool",
     "BatchNorm",

@@ -10,11 +10,13 @@ gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnn.geometry import PaddingLike, Pads, effective_kernel, output_hw, pair, resolve_padding
@@ -153,6 +155,12 @@ def conv2d(
     return y_BHWO
 
 
+# Measured on a 2-core Zen 3 (BENCHMARKS.md): XLA's CPU convolution backward pass is 2-4x slower
+# than im2col + matmul for small channel counts, and ~300x slower when the kernel covers the input.
+# Past a few dozen taps, im2col's compile time grows faster than its gain.
+_IM2COL_MAX_TAPS = 49
+
+
 def choose_conv_impl(in_hw, kernel, stride, pads, dilation, out_hw) -> str:
     """The fastest exact lowering XLA offers for this geometry."""
     del in_hw, stride, pads, dilation
@@ -160,6 +168,8 @@ def choose_conv_impl(in_hw, kernel, stride, pads, dilation, out_hw) -> str:
         return "dense"
     if kernel == (1, 1):
         return "pointwise"
+    if kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS:
+        return "im2col"
     return "xla"
 
 
@@ -274,7 +284,7 @@ def max_pool(
     win, st, pads, out_hw = _pool_args("max_pool", x_BHWC, window, stride, padding)
     if _is_tiling(x_BHWC, win, st, pads):
         return jnp.max(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
-    init = jnp.array(-jnp.inf, x_BHWC.dtype)
+    init = np.array(-np.inf, x_BHWC.dtype)  # a constant, so reduce_window has a VJP
     return lax.reduce_window(
         x_BHWC, init, lax.max, (1, *win, 1), (1, *st, 1), ((0, 0), *pads, (0, 0))
     )
@@ -291,7 +301,7 @@ def avg_pool(
     win, st, pads, out_hw = _pool_args("avg_pool", x_BHWC, window, stride, padding)
     if _is_tiling(x_BHWC, win, st, pads):
         return jnp.mean(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
-    zero = jnp.array(0, x_BHWC.dtype)
+    zero = np.array(0, x_BHWC.dtype)
     dims, strides, padding_ = (1, *win, 1), (1, *st, 1), ((0, 0), *pads, (0, 0))
     total = lax.reduce_window(x_BHWC, zero, lax.add, dims, strides, padding_)
     if count_include_pad:
@@ -367,6 +377,26 @@ def batch_norm(
     return y, new_mean, new_var
 
 
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer hash (lowbias32): each output bit depends on every input bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_bits(key: Array, shape: tuple[int, ...]) -> Array:
+    """uint32 pseudo-random bits from a counter-based hash of (key, position).
+
+    XLA on CPU draws threefry bits slowly (about 30 ms for 700k of them, and seconds to
+    compile); this elementwise hash fuses into its consumer and costs about as much as a copy.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    counter = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) if shape else jnp.uint32(0)
+    return _mix32(_mix32(counter ^ seed[0]) ^ seed[1])
+
+
 def dropout(key: Array, x: Array, rate: float, *, deterministic: bool = False) -> Array:
     """Zeroes each unit with probability `rate` (the DROP rate); scales the rest by 1/(1-rate)."""
     if not 0.0 <= rate <= 1.0:
@@ -377,7 +407,8 @@ def dropout(key: Array, x: Array, rate: float, *, deterministic: bool = False) -
         return x
     if rate == 1.0:
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    threshold = jnp.uint32(min(int(round(rate * 2.0**32)), 2**32 - 1))
+    keep = uniform_bits(key, x.shape) >= threshold
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 

@@ -1,0 +1,101 @@
+"""The networks the configs train, by name. Each is a plain `cnn.nn.Sequential`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cnn.nn import Activation, BatchNorm, Conv, Dropout, Flatten, GlobalAvgPool, MaxPool, Sequential
+
+
+def eip_session1_original() -> Sequential:
+    """The course's first network: 68,260 parameters, final receptive field 28."""
+    return Sequential(
+        [
+            Conv(32, 3),
+            Activation("relu"),
+            Conv(10, 1),
+            Activation("relu"),
+            Conv(10, 26),
+            Flatten(),
+            Activation("softmax"),
+        ]
+    )
+
+
+def eip_session1() -> Sequential:
+    """The improved first DNN: stacked 3x3s, then max-pool + 1x1 reduction, no dense layer."""
+    return Sequential(
+        [
+            Conv(16, 3),  # 26x26, r 3
+            Activation("relu"),
+            Conv(32, 3),  # 24x24, r 5
+            Activation("relu"),
+            MaxPool(2),  # 12x12, r 6
+            Conv(16, 1),  # channel reduction
+            Activation("relu"),
+            Conv(32, 3),  # 10x10, r 10
+            Activation("relu"),
+            Conv(32, 3),  # 8x8, r 14
+            Activation("relu"),
+            Conv(10, 1),
+            Activation("relu"),
+            Conv(10, 8),  # 1x1, r 28
+            Flatten(),
+            Activation("softmax"),
+        ]
+    )
+
+
+def _block(features: int, dropout: float, padding: int = 0) -> list:
+    layers = [Conv(features, 3, padding=padding, use_bias=False), Activation("relu"), BatchNorm()]
+    return layers + ([Dropout(dropout)] if dropout else [])
+
+
+def tiny(dropout: float = 0.05) -> Sequential:
+    """Under 8k parameters: BN, small dropout, a GAP head; field covers the 28x28 input."""
+    return Sequential(
+        [
+            *_block(8, dropout),  # 26x26, r 3
+            *_block(16, dropout),  # 24x24, r 5
+            MaxPool(2),  # 12x12, r 6
+            Conv(8, 1, use_bias=False),
+            *_block(12, dropout),  # 10x10, r 10
+            *_block(16, dropout),  # 8x8, r 14
+            *_block(16, dropout),  # 6x6, r 18
+            Conv(10, 1),
+            GlobalAvgPool(),
+            Activation("softmax"),
+        ]
+    )
+
+
+def fast99() -> Sequential:
+    """Small and quick to train: 99% after one epoch."""
+    return Sequential(
+        [
+            *_block(16, 0.0),  # 26x26
+            MaxPool(2),  # 13x13
+            *_block(32, 0.0),  # 11x11
+            MaxPool(2),  # 5x5
+            *_block(32, 0.0, padding=1),  # 5x5
+            Conv(10, 1),
+            GlobalAvgPool(),
+            Activation("softmax"),
+        ]
+    )
+
+
+MODELS: dict[str, Callable[[], Sequential]] = {
+    "eip_session1_original": eip_session1_original,
+    "eip_session1": eip_session1,
+    "tiny": tiny,
+    "fast99": fast99,
+}
+
+
+def get(name: str) -> Sequential:
+    """The network called `name`; a ValueError lists the valid names otherwise."""
+    try:
+        return MODELS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}") from None

@@ -1,0 +1,155 @@
+"""cnn.augment: normalization and random rotation/translation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn import augment as A
+
+BLACK = A.NORMALIZED_BLACK  # normalize(0)
+
+
+def images(b=4, h=28, w=28, c=1, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (b, h, w, c), dtype=np.uint8)
+
+
+def test_normalize():
+    x = images()
+    y = A.normalize(x)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), (x / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
+    zero = A.normalize(jnp.zeros((1, 1, 1, 1), jnp.uint8))
+    np.testing.assert_allclose(np.asarray(zero).item(), BLACK, rtol=1e-6)
+    assert A.MNIST_MEAN == 0.1307 and A.MNIST_STD == 0.3081
+
+
+@pytest.mark.parametrize("shape", [(4, 28, 28, 1), (3, 20, 24, 3)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.uint8])
+def test_shape_and_dtype_preserved(dtype, shape):
+    x = jnp.asarray(images(*shape)).astype(dtype)
+    y = A.augment(jax.random.key(0), x, max_rotation_deg=20.0, max_translation_px=3.0)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_identity_when_disabled():
+    x = A.normalize(images())
+    y = A.augment(jax.random.key(0), x)
+    assert y is x
+    y = A.augment(jax.random.key(1), x, max_rotation_deg=0.0, max_translation_px=0, fill=BLACK)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    # The warp itself is also exact at zero angle and shift.
+    z = A.affine_warp(x, jnp.zeros(4), jnp.zeros((4, 2)))
+    np.testing.assert_array_equal(np.asarray(z), np.asarray(x))
+
+
+def test_deterministic_per_key_and_keys_differ():
+    x = A.normalize(images())
+    kw = dict(max_rotation_deg=15.0, max_translation_px=2.0, fill=BLACK)
+    a = A.augment(jax.random.key(3), x, **kw)
+    b = A.augment(jax.random.key(3), x, **kw)
+    c = A.augment(jax.random.key(4), x, **kw)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    # Per example: different images in the batch get different transforms.
+    theta_B, shift_B2 = A.augment_params(
+        jax.random.key(3), 4, max_rotation_deg=15.0, max_translation_px=2.0
+    )
+    assert len(set(np.asarray(theta_B).tolist())) == 4
+    np.testing.assert_array_equal(
+        np.asarray(a), np.asarray(A.affine_warp(x, theta_B, shift_B2, fill=BLACK))
+    )
+
+
+def test_params_within_bounds():
+    theta_B, shift_B2 = A.augment_params(
+        jax.random.key(0), 4096, max_rotation_deg=10.0, max_translation_px=3.0
+    )
+    assert theta_B.shape == (4096,) and shift_B2.shape == (4096, 2)
+    assert theta_B.dtype == shift_B2.dtype == jnp.float32
+    t, s = np.abs(np.asarray(theta_B)), np.abs(np.asarray(shift_B2))
+    assert t.max() <= math.radians(10.0) and t.max() > 0.9 * math.radians(10.0)
+    assert s.max() <= 3.0 and s.max() > 2.7
+
+
+def test_rotate_90_matches_rot90():
+    x = images().astype(np.float32)
+    ccw = A.affine_warp(jnp.asarray(x), jnp.full(4, math.pi / 2), jnp.zeros((4, 2)))
+    np.testing.assert_allclose(np.asarray(ccw), np.rot90(x, 1, axes=(1, 2)), atol=1e-3)
+    cw = A.affine_warp(jnp.asarray(x), jnp.full(4, -math.pi / 2), jnp.zeros((4, 2)))
+    np.testing.assert_allclose(np.asarray(cw), np.rot90(x, -1, axes=(1, 2)), atol=1e-3)
+
+
+def test_rotate_90_moves_a_pixel_where_expected():
+    # One bright pixel up-right of the centre; a CCW quarter turn takes (r, c) to (W-1-c, r).
+    x = np.zeros((4, 28, 28, 1), np.float32)
+    x[:, 5, 20, 0] = 1.0
+    y = np.asarray(A.affine_warp(jnp.asarray(x), jnp.full(4, math.pi / 2), jnp.zeros((4, 2))))
+    assert np.unravel_index(np.argmax(y[0]), y[0].shape) == (7, 5, 0)
+    assert y[0, 7, 5, 0] == pytest.approx(1.0, abs=1e-4) and y[0].sum() == pytest.approx(1.0, 1e-4)
+
+
+@pytest.mark.parametrize("dy, dx", [(2, -3), (-5, 0), (0, 4), (1, 1)])
+def test_integer_translation_is_roll_with_fill(dy, dx):
+    x = np.asarray(A.normalize(images()))
+    shift_B2 = jnp.tile(jnp.array([[dy, dx]], jnp.float32), (4, 1))
+    y = A.affine_warp(jnp.asarray(x), jnp.zeros(4), shift_B2, fill=BLACK)
+    expected = np.roll(x, (dy, dx), axis=(1, 2))
+    if dy > 0:
+        expected[:, :dy] = BLACK
+    elif dy < 0:
+        expected[:, dy:] = BLACK
+    if dx > 0:
+        expected[:, :, :dx] = BLACK
+    elif dx < 0:
+        expected[:, :, dx:] = BLACK
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=0, atol=1e-6)
+
+
+def test_fill_is_used_outside_and_rotation_keeps_centre():
+    x = jnp.ones((4, 28, 28, 1), jnp.float32)
+    y = np.asarray(A.affine_warp(x, jnp.full(4, math.pi / 4), jnp.zeros((4, 2)), fill=-1.0))
+    assert y[0, 0, 0, 0] == pytest.approx(-1.0) and y[0, 14, 14, 0] == pytest.approx(1.0)
+    assert y.min() >= -1.0 - 1e-6 and y.max() <= 1.0 + 1e-6
+
+
+def test_jit_matches_eager_and_traced_fill():
+    x = A.normalize(images())
+    key = jax.random.key(11)
+    kw = dict(max_rotation_deg=30.0, max_translation_px=4.0)
+    eager = A.augment(key, x, fill=BLACK, **kw)
+    # Inside a user's jit; fill may be a traced value (e.g. normalize(0) computed in the step).
+    traced = jax.jit(
+        lambda k, x: A.augment(k, x, fill=A.normalize(jnp.zeros((), jnp.uint8)), **kw)
+    )(key, x)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(eager), atol=1e-5)
+
+
+def test_strict_promotion():
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        x = A.normalize(images())
+        y = A.augment(jax.random.key(0), x, max_rotation_deg=10.0, max_translation_px=1.0)
+        assert y.dtype == jnp.float32
+        u = A.augment(jax.random.key(0), jnp.asarray(images()), max_rotation_deg=10.0)
+        assert u.dtype == jnp.uint8
+
+
+def test_augment_batch_leaves_labels_and_mask():
+    labels = jnp.arange(4, dtype=jnp.int32)
+    mask = jnp.array([1.0, 1.0, 1.0, 0.0], jnp.float32)
+    batch = {"image": A.normalize(images()), "label": labels, "mask": mask}
+    out = A.augment_batch(jax.random.key(0), batch, max_rotation_deg=10.0, fill=BLACK)
+    assert out["label"] is labels and out["mask"] is mask and batch["label"] is labels
+    assert out["image"].shape == batch["image"].shape
+    assert not np.array_equal(np.asarray(out["image"]), np.asarray(batch["image"]))
+    assert out is not batch and batch["image"] is not out["image"]
+
+
+def test_validation():
+    x = A.normalize(images())
+    with pytest.raises(ValueError, match="must be >= 0"):
+        A.augment(jax.random.key(0), x, max_rotation_deg=-1.0)
+    with pytest.raises(ValueError, match=r"expected images \(B, H, W, C\)"):
+        A.augment(jax.random.key(0), x[0], max_translation_px=1.0)

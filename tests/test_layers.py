@@ -1,0 +1,814 @@
+"""Pure layers against independent NumPy loop references, lax, and their own shape functions."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnn import layers
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rand(seed: int, shape, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def assert_close(actual, expected, rtol: float = 1e-5, err_msg: str = ""):
+    """Elementwise closeness, with atol relative to the magnitude of the expected values."""
+    expected = np.asarray(expected, np.float64)
+    actual = np.asarray(actual, np.float64)
+    assert actual.shape == expected.shape, (err_msg, actual.shape, expected.shape)
+    scale = max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=err_msg)
+
+
+def ref_pads(padding, in_hw, kernel, stride, dilation=(1, 1)):
+    """Independent padding resolution: TF/lax SAME puts the extra pixel at the end."""
+    if padding == "VALID":
+        return ((0, 0), (0, 0))
+    if padding == "SAME":
+        pads = []
+        for n, k, s, d in zip(in_hw, kernel, stride, dilation, strict=True):
+            k_eff = d * (k - 1) + 1
+            out = -(-n // s)
+            total = max((out - 1) * s + k_eff - n, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return tuple(tuple(p) for p in padding)
+
+
+def ref_conv(x, w, b, stride, pads, dilation, groups):
+    """Direct cross-correlation in float64: loops over output positions, taps and groups."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+    w = np.asarray(w, np.float64)
+    (sh, sw), (dh, dw) = stride, dilation
+    bsz, hp, wp, c = x.shape
+    kh, kw, cg, o = w.shape
+    og = o // groups
+    ho = (hp - (dh * (kh - 1) + 1)) // sh + 1
+    wo = (wp - (dw * (kw - 1) + 1)) // sw + 1
+    y = np.zeros((bsz, ho, wo, o))
+    for p in range(ho):
+        for q in range(wo):
+            for i in range(kh):
+                for j in range(kw):
+                    pix = x[:, p * sh + i * dh, q * sw + j * dw, :]
+                    for g in range(groups):
+                        y[:, p, q, g * og : (g + 1) * og] += (
+                            pix[:, g * cg : (g + 1) * cg] @ w[i, j, :, g * og : (g + 1) * og]
+                        )
+    if b is not None:
+        y += np.asarray(b, np.float64)
+    return y
+
+
+def ref_conv_vjp(x, w, g_out, stride, pads, dilation, groups):
+    """Adjoint of ref_conv: gradients of sum(y * g_out) w.r.t. x, w and b."""
+    x64 = np.asarray(x, np.float64)
+    xp = np.pad(x64, ((0, 0), pads[0], pads[1], (0, 0)))
+    w = np.asarray(w, np.float64)
+    g_out = np.asarray(g_out, np.float64)
+    (sh, sw), (dh, dw) = stride, dilation
+    kh, kw, cg, o = w.shape
+    og = o // groups
+    _, ho, wo, _ = g_out.shape
+    dxp, dw_ = np.zeros_like(xp), np.zeros_like(w)
+    for p in range(ho):
+        for q in range(wo):
+            for i in range(kh):
+                for j in range(kw):
+                    r, s = p * sh + i * dh, q * sw + j * dw
+                    for g in range(groups):
+                        cs, os_ = slice(g * cg, (g + 1) * cg), slice(g * og, (g + 1) * og)
+                        dxp[:, r, s, cs] += g_out[:, p, q, os_] @ w[i, j, :, os_].T
+                        dw_[i, j, :, os_] += xp[:, r, s, cs].T @ g_out[:, p, q, os_]
+    h, wd = x64.shape[1:3]
+    dx = dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + wd, :]
+    return dx, dw_, g_out.sum(axis=(0, 1, 2))
+
+
+def lax_padding(padding):
+    """The padding spelled for lax directly (strings pass through: an independent SAME)."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    return padding
+
+
+def lax_conv(x, w, b, stride, padding, dilation, groups):
+    y = lax.conv_general_dilated(
+        x,
+        w,
+        window_strides=_pair(stride),
+        padding=lax_padding(padding),
+        rhs_dilation=_pair(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    return y + b.reshape(1, 1, 1, -1)
+
+
+# ----------------------------------------------------------------------------- the conv grid
+X_SHAPE = (2, 9, 8, 4)
+KERNELS = [(1, 1), (2, 2), (3, 3), (5, 5), (3, 1)]
+STRIDES = [1, 2, 3, (1, 2)]
+PADDINGS = ["VALID", "SAME", 1, ((1, 2), (0, 1))]
+DILATIONS = [1, 2]
+GROUPS = [1, 2, 4]  # 4 == C: depthwise
+
+
+def _fits(kernel, stride, padding, dilation):
+    st, dil = _pair(stride), _pair(dilation)
+    pads = ref_pads(padding, X_SHAPE[1:3], kernel, st, dil)
+    return all(
+        n + lo + hi >= d * (k - 1) + 1
+        for n, (lo, hi), k, d in zip(X_SHAPE[1:3], pads, kernel, dil, strict=True)
+    )
+
+
+FULL_GRID = [
+    combo
+    for combo in itertools.product(KERNELS, STRIDES, PADDINGS, DILATIONS, GROUPS)
+    if _fits(*combo[:4])
+]
+GRID = random.Random(1234).sample(FULL_GRID, 40)
+
+
+def _grid_id(combo):
+    k, s, p, d, g = combo
+    return f"k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}".replace(" ", "")
+
+
+def test_grid_covers_every_value():
+    for axis, values in enumerate([KERNELS, STRIDES, PADDINGS, DILATIONS, GROUPS]):
+        seen = [c[axis] for c in GRID]
+        for v in values:
+            assert v in seen, (axis, v)
+    assert len(FULL_GRID) > 300  # the filter keeps most of the product
+
+
+def _conv_inputs(kernel, groups, seed=0, x_shape=X_SHAPE, out_ch=8):
+    c = x_shape[3]
+    x = _rand(seed, x_shape)
+    w = _rand(seed + 1, (*kernel, c // groups, out_ch), 0.5)
+    b = _rand(seed + 2, (out_ch,))
+    return x, w, b
+
+
+def _applicable_impls(kernel, out_hw):
+    impls = ["auto", "xla", "im2col"]
+    if tuple(kernel) == (1, 1):
+        impls.append("pointwise")
+    if tuple(out_hw) == (1, 1):
+        impls.append("dense")
+    return impls
+
+
+def _values_and_grads(fn, x, w, b, g_seed=99):
+    y, vjp = jax.vjp(fn, x, w, b)
+    g = _rand(g_seed, y.shape)
+    return y, g, vjp(jnp.asarray(g))
+
+
+@pytest.mark.parametrize("combo", GRID, ids=_grid_id)
+def test_conv2d_values_and_grads_vs_numpy_loops(combo):
+    kernel, stride, padding, dilation, groups = combo
+    x, w, b = _conv_inputs(kernel, groups)
+    st, dil = _pair(stride), _pair(dilation)
+    pads = ref_pads(padding, X_SHAPE[1:3], kernel, st, dil)
+
+    def f(x, w, b):
+        return layers.conv2d(
+            x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups
+        )
+
+    y, g, (dx, dw, db) = _values_and_grads(jax.jit(f), x, w, b)
+    y_ref = ref_conv(x, w, b, st, pads, dil, groups)
+    assert_close(y, y_ref, err_msg="values")
+    dx_ref, dw_ref, db_ref = ref_conv_vjp(x, w, g, st, pads, dil, groups)
+    assert_close(dx, dx_ref, err_msg="dx")
+    assert_close(dw, dw_ref, err_msg="dw")
+    assert_close(db, db_ref, err_msg="db")
+
+
+def _check_impls_equal_lax(x, w, b, stride, padding, dilation, groups, impls):
+    """Every impl in `impls` equals lax.conv_general_dilated, values and VJP, in one jit."""
+
+    def all_impls(x, w, b, g):
+        def run(fn):
+            y, vjp = jax.vjp(fn, x, w, b)
+            return (y, *vjp(g))
+
+        outs = {
+            "lax": run(lambda x, w, b: lax_conv(x, w, b, stride, padding, dilation, groups)),
+        }
+        for impl in impls:
+            outs[impl] = run(
+                lambda x, w, b, impl=impl: layers.conv2d(
+                    x,
+                    w,
+                    b,
+                    stride=stride,
+                    padding=padding,
+                    dilation=dilation,
+                    groups=groups,
+                    impl=impl,
+                )
+            )
+        return outs
+
+    y_shape = jax.eval_shape(
+        lambda: lax_conv(
+            jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride, padding, dilation, groups
+        )
+    ).shape
+    g = _rand(7, y_shape)
+    outs = jax.jit(all_impls)(x, w, b, g)
+    expected = outs.pop("lax")
+    assert set(outs) == set(impls)
+    for impl, got in outs.items():
+        for name, a, e in zip(("y", "dx", "dw", "db"), got, expected, strict=True):
+            assert_close(a, e, err_msg=f"impl={impl} {name}")
+    return expected[0]
+
+
+# im2col compiles slowly (one slice per tap): a third of the grid keeps the file fast.
+@pytest.mark.parametrize("combo", GRID[::3], ids=_grid_id)
+def test_every_applicable_impl_equals_lax(combo):
+    kernel, stride, padding, dilation, groups = combo
+    x, w, b = _conv_inputs(kernel, groups, seed=3)
+    out_hw = layers.conv2d_shape(
+        X_SHAPE, w.shape, stride=stride, padding=padding, dilation=dilation
+    )[1:3]
+    _check_impls_equal_lax(
+        x, w, b, stride, padding, dilation, groups, _applicable_impls(kernel, out_hw)
+    )
+
+
+DENSE_CASES = [
+    # (x_shape, w_shape, stride, padding, dilation, groups)
+    ((2, 26, 26, 10), (26, 26, 10, 10), 1, "VALID", 1, 1),  # the course's last conv
+    ((2, 5, 5, 4), (3, 3, 4, 6), 1, "VALID", 2, 1),  # dilated kernel covers the input
+    ((2, 3, 3, 4), (5, 5, 4, 6), 1, 1, 1, 1),  # padding makes the input as big as the kernel
+    ((2, 4, 4, 4), (4, 4, 2, 6), 1, "VALID", 1, 2),  # grouped
+    ((2, 4, 4, 4), (4, 4, 1, 4), 1, "VALID", 1, 4),  # depthwise
+    ((2, 6, 5, 4), (3, 3, 4, 2), 4, "VALID", 1, 1),  # 1x1 output through the stride
+    ((1, 3, 4, 4), (4, 6, 4, 3), 1, ((1, 0), (1, 1)), 1, 1),  # asymmetric padding
+    ((2, 1, 1, 4), (3, 3, 4, 5), 1, "SAME", 1, 1),  # SAME on a single pixel
+    ((2, 3, 2, 4), (2, 2, 2, 4), 1, ((0, 1), (1, 1)), 3, 2),  # dilation + groups + pads
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"dense{i}" for i in range(len(DENSE_CASES))])
+def test_dense_impl_equals_lax(case):
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    assert layers.conv2d_shape(x_shape, w_shape, stride=stride, padding=padding, dilation=dilation)[
+        1:3
+    ] == (1, 1)
+    x = _rand(0, x_shape)
+    w = _rand(1, w_shape, 0.2)
+    b = _rand(2, w_shape[3:])
+    impls = ["dense", "auto", "xla"] + (["pointwise"] if w_shape[:2] == (1, 1) else [])
+    if w_shape[0] * w_shape[1] <= 25:  # im2col's compile time grows with the number of taps
+        impls.append("im2col")
+    _check_impls_equal_lax(x, w, b, stride, padding, dilation, groups, impls)
+
+
+POINTWISE_CASES = [
+    # (stride, padding, groups)
+    (1, "VALID", 1),
+    (2, "SAME", 2),
+    ((1, 2), 1, 4),
+    (3, ((1, 2), (0, 1)), 2),
+    (2, 1, 1),
+    ((1, 2), "SAME", 1),
+    (3, "VALID", 4),
+    (1, ((1, 2), (0, 1)), 4),
+]
+
+
+@pytest.mark.parametrize("case", POINTWISE_CASES, ids=str)
+def test_pointwise_impl_equals_lax(case):
+    stride, padding, groups = case
+    x, w, b = _conv_inputs((1, 1), groups, seed=5, out_ch=8)
+    _check_impls_equal_lax(
+        x, w, b, stride, padding, 1, groups, ["pointwise", "auto", "xla", "im2col"]
+    )
+
+
+def test_pointwise_cases_cover_strides_paddings_groups():
+    for axis, n in ((0, 4), (1, 4), (2, 3)):
+        assert len({str(c[axis]) for c in POINTWISE_CASES}) == n
+
+
+def test_auto_picks_the_specialised_lowering():
+    assert layers.choose_conv_impl(
+        (26, 26), (26, 26), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1)
+    ) == ("dense")
+    assert layers.choose_conv_impl((8, 8), (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), (8, 8)) == (
+        "pointwise"
+    )
+    assert layers.choose_conv_impl((8, 8), (3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), (6, 6)) == (
+        "im2col"
+    )
+    assert layers.choose_conv_impl(
+        (28, 28), (9, 9), (1, 1), ((0, 0), (0, 0)), (1, 1), (20, 20)
+    ) == ("xla")
+
+
+def test_impl_that_does_not_apply_raises():
+    x = jnp.ones((1, 6, 6, 2))
+    with pytest.raises(ValueError, match=r"impl='pointwise' needs a 1x1 kernel, got \(3, 3\)"):
+        layers.conv2d(x, jnp.ones((3, 3, 2, 4)), impl="pointwise")
+    with pytest.raises(ValueError, match=r"impl='dense' needs .*1x1 output.*\(4, 4\)"):
+        layers.conv2d(x, jnp.ones((3, 3, 2, 4)), impl="dense")
+    with pytest.raises(ValueError, match=r"impl='dense'"):
+        layers.conv2d(x, jnp.ones((1, 1, 2, 4)), impl="dense")
+
+
+def test_unknown_impl_raises_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown impl 'fft'") as info:
+        layers.conv2d(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)), impl="fft")
+    for impl in layers.CONV_IMPLS:
+        assert impl in str(info.value)
+    assert set(layers.CONV_IMPLS) == {"auto", "xla", "dense", "pointwise", "im2col"}
+
+
+def test_conv2d_without_bias_and_unbatched_padding_forms():
+    x, w, b = _conv_inputs((3, 3), 1)
+    y = layers.conv2d(x, w, None, padding=(1, 2))
+    y_ref = ref_conv(x, w, None, (1, 1), ((1, 1), (2, 2)), (1, 1), 1)
+    assert_close(y, y_ref)
+    # padding spellings that mean the same thing agree
+    y0 = layers.conv2d(x, w, b, padding=0)
+    y1 = layers.conv2d(x, w, b, padding="valid")
+    y2 = layers.conv2d(x, w, b, padding=((0, 0), (0, 0)))
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_array_equal(y0, y2)
+
+
+# ----------------------------------------------------------------------------- shape functions
+def test_conv2d_shape_matches_conv2d_over_full_grid():
+    bad = []
+    for kernel, stride, padding, dilation, groups in FULL_GRID:
+        x = jax.ShapeDtypeStruct(X_SHAPE, jnp.float32)
+        w = jax.ShapeDtypeStruct((*kernel, X_SHAPE[3] // groups, 8), jnp.float32)
+        predicted = layers.conv2d_shape(
+            X_SHAPE, w.shape, stride=stride, padding=padding, dilation=dilation
+        )
+        # im2col's shapes are checked by the value tests; tracing it 400 times is slow
+        impls = [i for i in _applicable_impls(kernel, predicted[1:3]) if i != "im2col"]
+        for impl in impls:
+            got = jax.eval_shape(
+                lambda x, w, impl=impl, s=stride, p=padding, d=dilation, g=groups: layers.conv2d(
+                    x, w, stride=s, padding=p, dilation=d, groups=g, impl=impl
+                ),
+                x,
+                w,
+            ).shape
+            if got != predicted:
+                bad.append((kernel, stride, padding, dilation, groups, impl, got, predicted))
+    assert not bad, bad[:5]
+
+
+POOL_GRID = list(itertools.product([2, 3, (2, 3)], [None, 1, 2, 3], ["VALID", "SAME", 1]))
+
+
+def test_pool_shape_matches_pools():
+    bad = []
+    for x_shape in [(2, 7, 8, 3), (1, 9, 9, 2), (1, 3, 3, 1)]:
+        x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+        for window, stride, padding in POOL_GRID:
+            predicted = layers.pool_shape(x_shape, window, stride, padding)
+            for fn in (layers.max_pool, layers.avg_pool):
+                got = jax.eval_shape(
+                    lambda x, fn=fn, a=(window, stride, padding): fn(x, *a), x
+                ).shape
+                if got != predicted:
+                    bad.append((fn.__name__, x_shape, window, stride, padding, got, predicted))
+    assert not bad, bad[:5]
+
+
+# ----------------------------------------------------------------------------- pooling
+def ref_pool(x, window, stride, pads, kind, count_include_pad=True):
+    """Loop reference for max/avg pooling; returns (y, vjp(g))."""
+    x = np.asarray(x, np.float64)
+    (kh, kw), (sh, sw) = window, stride
+    fill = -np.inf if kind == "max" else 0.0
+    xp = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), constant_values=fill)
+    real = np.pad(np.ones(x.shape[1:3]), pads, constant_values=0.0)
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    y = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+    for p in range(ho):
+        for q in range(wo):
+            win = xp[:, p * sh : p * sh + kh, q * sw : q * sw + kw, :]
+            if kind == "max":
+                y[:, p, q] = win.max(axis=(1, 2))
+            else:
+                n = (
+                    kh * kw
+                    if count_include_pad
+                    else real[p * sh : p * sh + kh, q * sw : q * sw + kw].sum()
+                )
+                y[:, p, q] = win.sum(axis=(1, 2)) / n
+
+    def vjp(g):
+        g = np.asarray(g, np.float64)
+        dxp = np.zeros_like(xp)
+        for p in range(ho):
+            for q in range(wo):
+                rs, cs = slice(p * sh, p * sh + kh), slice(q * sw, q * sw + kw)
+                if kind == "max":
+                    win = xp[:, rs, cs, :]
+                    hit = win == win.max(axis=(1, 2), keepdims=True)
+                    dxp[:, rs, cs, :] += hit * g[:, p, q][:, None, None, :]
+                else:
+                    n = kh * kw if count_include_pad else real[rs, cs].sum()
+                    dxp[:, rs, cs, :] += g[:, p, q][:, None, None, :] / n
+        h, w = x.shape[1:3]
+        return dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
+
+    return y, vjp
+
+
+def _tie_free(seed, shape):
+    """Distinct values (a permutation), so max pooling has a unique argmax everywhere."""
+    n = int(np.prod(shape))
+    return (np.random.default_rng(seed).permutation(n).reshape(shape) / n - 0.5).astype(np.float32)
+
+
+POOL_REF_GRID = list(itertools.product([2, 3], [1, 2, 3], ["VALID", "SAME", 1]))
+
+
+@pytest.mark.parametrize("window,stride,padding", POOL_REF_GRID, ids=str)
+def test_pools_vs_numpy_loops(window, stride, padding):
+    x = _tie_free(0, (2, 7, 8, 3))
+    win, st = _pair(window), _pair(stride)
+    pads = ref_pads(padding, x.shape[1:3], win, st)
+    kinds = {
+        "max": (lambda x: layers.max_pool(x, window, stride, padding), "max", True),
+        "avg_incl": (lambda x: layers.avg_pool(x, window, stride, padding), "avg", True),
+        "avg_excl": (
+            lambda x: layers.avg_pool(x, window, stride, padding, count_include_pad=False),
+            "avg",
+            False,
+        ),
+    }
+    refs = {k: ref_pool(x, win, st, pads, kind, incl) for k, (_, kind, incl) in kinds.items()}
+    gs = {k: _rand(1, y_ref.shape) for k, (y_ref, _) in refs.items()}
+
+    ys = jax.jit(lambda x: {k: fn(x) for k, (fn, _, _) in kinds.items()})(x)
+    for k, y in ys.items():
+        assert_close(y, refs[k][0], err_msg=f"{k} values")
+
+    # Gradients under jit: the way a training step takes them.
+    @jax.jit
+    def grads(x, gs):
+        return {k: jax.vjp(fn, x)[1](gs[k])[0] for k, (fn, _, _) in kinds.items()}
+
+    for k, dx in grads(x, gs).items():
+        assert_close(dx, refs[k][1](gs[k]), err_msg=f"{k} grad")
+
+
+def test_avg_pool_count_include_pad_differs_only_at_borders():
+    x = _rand(0, (1, 4, 4, 1)) + 3.0
+    incl = layers.avg_pool(x, 3, 1, 1, count_include_pad=True)
+    excl = layers.avg_pool(x, 3, 1, 1, count_include_pad=False)
+    np.testing.assert_allclose(incl[:, 1:-1, 1:-1], excl[:, 1:-1, 1:-1], rtol=1e-6)
+    # the corner window sees 4 real pixels out of 9
+    np.testing.assert_allclose(excl[0, 0, 0, 0], x[0, :2, :2, 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(incl[0, 0, 0, 0], x[0, :2, :2, 0].sum() / 9, rtol=1e-6)
+
+
+TILING_CASES = [((1, 8, 8, 2), 2), ((2, 7, 7, 3), 2), ((1, 9, 9, 1), 3), ((2, 7, 6, 2), (2, 3))]
+
+
+@pytest.mark.parametrize("x_shape,window", TILING_CASES, ids=str)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_tiling_pool_path_equals_reduce_window(x_shape, window, kind):
+    x = _tie_free(3, x_shape)
+    win = _pair(window)
+    dims, strides = (1, *win, 1), (1, *win, 1)
+    if kind == "max":
+
+        def ours(x):
+            return layers.max_pool(x, window)
+
+        def ref(x):
+            return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, "VALID")
+    else:
+
+        def ours(x):
+            return layers.avg_pool(x, window, window, 0)
+
+        def ref(x):
+            return lax.reduce_window(x, 0.0, lax.add, dims, strides, "VALID") / (win[0] * win[1])
+
+    y, vjp = jax.vjp(ours, x)
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    expected_hw = (x_shape[1] // win[0], x_shape[2] // win[1])  # floor: the ragged edge is dropped
+    assert y.shape == (x_shape[0], *expected_hw, x_shape[3])
+    assert_close(y, y_ref, rtol=1e-6)
+    g = jnp.asarray(_rand(4, y.shape))
+    assert_close(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6)
+
+
+def test_global_avg_pool():
+    x = _rand(0, (2, 5, 3, 4))
+    y = layers.global_avg_pool(x)
+    assert y.shape == (2, 4)
+    assert_close(y, x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- batch norm
+def _bn_params(c, seed=0):
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    mean = rng.standard_normal(c).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    return scale, bias, mean, var
+
+
+def test_batch_norm_train_normalizes_and_updates_running_stats():
+    x = _rand(0, (4, 5, 6, 3), 3.0) + np.array([10.0, -2.0, 0.5], np.float32)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    _, _, run_mean, run_var = _bn_params(3)
+    y, new_mean, new_var = layers.batch_norm(
+        x, ones, zeros, run_mean, run_var, train=True, momentum=0.8
+    )
+    y = np.asarray(y, np.float64)
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, atol=1e-4)
+    x64 = x.astype(np.float64)
+    batch_mean, batch_var = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(new_mean, 0.8 * run_mean + 0.2 * batch_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_var, 0.8 * run_var + 0.2 * batch_var, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_train_with_scale_and_bias_matches_formula():
+    x = _rand(1, (3, 4, 4, 5), 2.0) + 1.0
+    scale, bias, run_mean, run_var = _bn_params(5, seed=1)
+    y, _, _ = layers.batch_norm(x, scale, bias, run_mean, run_var, train=True, eps=1e-3)
+    x64 = x.astype(np.float64)
+    m, v = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    assert_close(y, scale * (x64 - m) / np.sqrt(v + 1e-3) + bias)
+
+
+def test_batch_norm_eval_uses_running_stats_and_returns_them_unchanged():
+    x = _rand(2, (2, 3, 3, 4))
+    scale, bias, run_mean, run_var = _bn_params(4, seed=2)
+    y, new_mean, new_var = layers.batch_norm(x, scale, bias, run_mean, run_var, train=False)
+    expected = scale * (x.astype(np.float64) - run_mean) / np.sqrt(run_var + 1e-5) + bias
+    assert_close(y, expected)
+    np.testing.assert_array_equal(new_mean, run_mean)
+    np.testing.assert_array_equal(new_var, run_var)
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_batch_norm_mask_excludes_rows_exactly(rank):
+    shape = (5, 3) if rank == 2 else (5, 3, 2, 3)
+    x = _rand(3, shape)
+    mask = np.array([1, 0, 1, 1, 0], np.float32)
+    x[mask == 0] = 100.0 + _rand(4, x[mask == 0].shape)  # junk that must not leak in
+    kept = mask == 1
+    scale, bias, run_mean, run_var = _bn_params(3, seed=3)
+    y, m, v = layers.batch_norm(x, scale, bias, run_mean, run_var, train=True, mask_B=mask)
+    y_sub, m_sub, v_sub = layers.batch_norm(x[kept], scale, bias, run_mean, run_var, train=True)
+    np.testing.assert_allclose(np.asarray(y)[kept], y_sub, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m, m_sub, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v, v_sub, rtol=1e-5, atol=1e-6)
+    # an all-ones mask is the same as no mask
+    y_all, _, _ = layers.batch_norm(
+        x, scale, bias, run_mean, run_var, train=True, mask_B=np.ones(5, np.float32)
+    )
+    y_none, _, _ = layers.batch_norm(x, scale, bias, run_mean, run_var, train=True)
+    np.testing.assert_allclose(y_all, y_none, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_rank2_normalizes_columns():
+    x = _rand(5, (16, 3), 2.0) + np.array([1.0, -3.0, 7.0], np.float32)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, _, _ = layers.batch_norm(x, ones, zeros, zeros, ones, train=True)
+    assert y.shape == (16, 3)
+    np.testing.assert_allclose(np.mean(y, axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.var(np.asarray(y, np.float64), axis=0), 1.0, atol=1e-4)
+
+
+def test_batch_norm_gradients_are_finite_and_shift_invariant():
+    x = _rand(6, (2, 3, 3, 4))
+    scale, bias, run_mean, run_var = _bn_params(4, seed=6)
+    g = jnp.asarray(_rand(7, x.shape))
+
+    def loss(x, scale, bias, g):
+        y, _, _ = layers.batch_norm(x, scale, bias, run_mean, run_var, train=True)
+        return jnp.sum(y * g)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias, g)
+    for gr in grads:
+        assert np.all(np.isfinite(gr))
+    # sum(y) does not depend on x in train mode: the normalized values sum to zero
+    dx_sum = jax.grad(loss)(x, scale, bias, jnp.ones_like(g))
+    np.testing.assert_allclose(dx_sum, 0.0, atol=1e-4)
+    # a constant channel has zero variance: finite output equal to the bias
+    xc = x.copy()
+    xc[..., 0] = 3.0
+    y, _, var = layers.batch_norm(xc, scale, bias, run_mean, run_var, train=True, momentum=0.0)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(np.asarray(y)[..., 0], bias[0], atol=1e-3)
+    assert np.all(np.asarray(var) >= 0)
+    assert np.all(np.isfinite(jax.grad(loss)(xc, scale, bias, g)))
+
+
+# ----------------------------------------------------------------------------- dropout
+def test_dropout_rate_is_the_drop_probability():
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (1000, 1000)).astype(np.float32))
+    y = np.asarray(layers.dropout(jax.random.PRNGKey(0), x, 0.25))
+    dropped = y == 0
+    assert abs(dropped.mean() - 0.25) < 0.003  # ~7 standard deviations
+    np.testing.assert_allclose(y[~dropped], np.asarray(x)[~dropped] / 0.75, rtol=1e-6)
+    assert abs(y.mean() / float(x.mean()) - 1.0) < 0.01
+    assert y.dtype == np.float32
+
+
+def test_dropout_identity_zero_and_errors():
+    x = jnp.asarray(_rand(0, (4, 5)))
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_array_equal(layers.dropout(key, x, 0.0), x)
+    np.testing.assert_array_equal(layers.dropout(key, x, 0.7, deterministic=True), x)
+    np.testing.assert_array_equal(layers.dropout(key, x, 1.0), np.zeros((4, 5), np.float32))
+    for rate in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout: rate"):
+            layers.dropout(key, x, rate)
+
+
+def test_dropout_is_deterministic_per_key():
+    x = jnp.ones((64, 64))
+    a = layers.dropout(jax.random.PRNGKey(3), x, 0.5)
+    b = layers.dropout(jax.random.PRNGKey(3), x, 0.5)
+    c = layers.dropout(jax.random.PRNGKey(4), x, 0.5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+# ----------------------------------------------------------------------------- initializers
+HWIO = (3, 3, 16, 32)
+FAN_IN, FAN_OUT = 3 * 3 * 16, 3 * 3 * 32
+EXPECTED_VAR = {
+    "he_normal": 2.0 / FAN_IN,
+    "he_uniform": 2.0 / FAN_IN,
+    "glorot_normal": 2.0 / (FAN_IN + FAN_OUT),
+    "glorot_uniform": 2.0 / (FAN_IN + FAN_OUT),
+    "lecun_normal": 1.0 / FAN_IN,
+    "lecun_uniform": 1.0 / FAN_IN,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_VAR))
+def test_initializer_variance(name):
+    init = layers.initializer(name)
+    assert init is layers.INITIALIZERS[name] is getattr(layers, name)
+    w = np.asarray(init(jax.random.PRNGKey(0), HWIO, jnp.float32), np.float64)
+    assert w.shape == HWIO
+    var = EXPECTED_VAR[name]
+    assert abs(w.var() / var - 1.0) < 0.1, (w.var(), var)  # n=4608: ~5 standard deviations
+    assert abs(w.mean()) < 5 * np.sqrt(var / w.size)
+    if name.endswith("uniform"):
+        assert np.abs(w).max() <= np.sqrt(3 * var) * (1 + 1e-6)
+        # a uniform fills its range: the largest |w| is close to the bound
+        assert np.abs(w).max() > 0.99 * np.sqrt(3 * var)
+
+
+def test_initializer_zeros_ones_callable_and_unknown():
+    np.testing.assert_array_equal(layers.initializer("zeros")(None, (2, 3)), np.zeros((2, 3)))
+    np.testing.assert_array_equal(layers.initializer("ones")(None, (2, 3)), np.ones((2, 3)))
+
+    def custom(key, shape, dtype=jnp.float32):
+        return jnp.full(shape, 0.5, dtype)
+
+    assert layers.initializer(custom) is custom
+    with pytest.raises(ValueError, match="unknown initializer 'he'") as info:
+        layers.initializer("he")
+    for name in layers.INITIALIZERS:
+        assert name in str(info.value)
+
+
+# ----------------------------------------------------------------------------- checks
+def _raises_assert(*fragments):
+    return pytest.raises(AssertionError, match=".*".join(re.escape(f) for f in fragments))
+
+
+def test_conv2d_shape_asserts():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 6))
+    with _raises_assert("conv2d: input x must be NHWC (rank 4), got shape (8, 8, 4)"):
+        layers.conv2d(jnp.ones((8, 8, 4)), w)
+    with _raises_assert("conv2d: kernel w must be HWIO (rank 4), got shape (3, 4, 6)"):
+        layers.conv2d(x, jnp.ones((3, 4, 6)))
+    with _raises_assert("conv2d: input channels of x (2, 8, 8, 4)", "= 3 x 1", "(3, 3, 3, 6)"):
+        layers.conv2d(x, jnp.ones((3, 3, 3, 6)))
+    with _raises_assert("conv2d: input channels of x (2, 8, 8, 4)", "= 4 x 2", "(3, 3, 4, 6)"):
+        layers.conv2d(x, w, groups=2)
+    with _raises_assert("conv2d: groups=3 must divide the input channels (4)", "(3, 3, 1, 6)"):
+        layers.conv2d(x, jnp.ones((3, 3, 1, 6)), groups=3)
+    with _raises_assert("conv2d: groups=2", "output channels (5)"):
+        layers.conv2d(x, jnp.ones((3, 3, 2, 5)), groups=2)
+    with _raises_assert(
+        "conv2d: the dilated kernel of extent (9, 9) is larger than the padded input",
+        "(2, 8, 8, 4)",
+    ):
+        layers.conv2d(x, jnp.ones((5, 5, 4, 6)), dilation=2)
+    with _raises_assert("conv2d: bias must have shape (6,), got (4,)"):
+        layers.conv2d(x, w, jnp.ones(4))
+
+
+def test_pool_and_norm_shape_asserts():
+    with _raises_assert("max_pool: the pooling window of extent (3, 3) is larger", "(1, 2, 2, 1)"):
+        layers.max_pool(jnp.ones((1, 2, 2, 1)), 3)
+    with _raises_assert("avg_pool: the pooling window of extent (4, 4) is larger", "(1, 3, 3, 1)"):
+        layers.avg_pool(jnp.ones((1, 3, 3, 1)), 4, padding="VALID")
+    with _raises_assert("max_pool: input must be NHWC (rank 4), got shape (4, 4, 1)"):
+        layers.max_pool(jnp.ones((4, 4, 1)), 2)
+    with _raises_assert("avg_pool: input must be NHWC (rank 4), got shape (1, 4, 4, 1, 1)"):
+        layers.avg_pool(jnp.ones((1, 4, 4, 1, 1)), 2)
+    with _raises_assert("global_avg_pool: input must be NHWC (rank 4), got (2, 3)"):
+        layers.global_avg_pool(jnp.ones((2, 3)))
+    c4, c3 = jnp.ones(4), jnp.ones(3)
+    x = jnp.ones((2, 3, 3, 4))
+    with _raises_assert("batch_norm: scale, bias, mean and var must have shape (4,)"):
+        layers.batch_norm(x, c4, c4, c3, c4, train=False)
+    with _raises_assert("batch_norm: input must be (B, C) or NHWC"):
+        layers.batch_norm(jnp.ones((2, 3, 4)), c4, c4, c4, c4, train=True)
+    with _raises_assert("batch_norm: mask must have shape (2,)"):
+        layers.batch_norm(x, c4, c4, c4, c4, train=True, mask_B=jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"stride": 0}, "stride must be >= 1"),
+        ({"stride": (1, -1)}, "stride must be >= 1"),
+        ({"stride": 1.5}, "stride must be an int or a pair"),
+        ({"dilation": 0}, "dilation must be >= 1"),
+        ({"padding": "FULL"}, "padding string must be 'VALID' or 'SAME'"),
+        ({"padding": -1}, "padding must be non-negative"),
+        ({"padding": ((0, -1), (0, 0))}, "padding must be non-negative"),
+        ({"padding": (1, 2, 3)}, "padding must be 'VALID', 'SAME', an int"),
+        ({"padding": ((1, 2), (3,))}, "padding must be 'VALID', 'SAME', an int"),
+        ({"padding": 1.0}, "padding must be 'VALID', 'SAME', an int"),
+        ({"groups": 0}, "groups must be a positive int"),
+    ],
+    ids=str,
+)
+def test_conv2d_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        layers.conv2d(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2)), **kwargs)
+
+
+@pytest.mark.parametrize("fn", [layers.max_pool, layers.avg_pool])
+def test_pool_bad_arguments_raise_value_error(fn):
+    x = jnp.ones((1, 6, 6, 2))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        fn(x, 2, 0)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        fn(x, 0)
+    with pytest.raises(ValueError, match="padding string"):
+        fn(x, 2, 2, "same-ish")
+    with pytest.raises(ValueError, match="non-negative"):
+        fn(x, 2, 2, -1)
+    with pytest.raises(ValueError, match="padding must be 'VALID'"):
+        fn(x, 2, 2, ((1,), (1,)))
+
+
+# ----------------------------------------------------------------------------- tracing
+def test_conv_and_pool_do_not_retrace_on_same_shapes():
+    def step(x, w, b):
+        y = layers.conv2d(x, w, b, padding="SAME")
+        y = layers.max_pool(y, 2)
+        y, _, _ = layers.batch_norm(
+            y, jnp.ones(4), jnp.zeros(4), jnp.zeros(4), jnp.ones(4), train=True
+        )
+        return layers.global_avg_pool(y)
+
+    f = jax.jit(chex.assert_max_traces(step, n=1))
+    for seed in range(3):
+        x, w, b = _rand(seed, (2, 8, 8, 3)), _rand(seed + 10, (3, 3, 3, 4)), _rand(seed, (4,))
+        assert f(x, w, b).shape == (2, 4)
+    with pytest.raises(AssertionError, match="trace"):
+        f(_rand(0, (2, 10, 10, 3)), w, b)  # a new shape needs a second trace
