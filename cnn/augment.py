@@ -10,14 +10,18 @@ sampled bilinearly from the input at the inverse-mapped position; outside the im
 is ``fill`` -- the value of a black pixel: 0.0 for raw pixels, ``normalize(0)`` (=
 ``NORMALIZED_BLACK = -MNIST_MEAN / MNIST_STD``) for normalized ones.
 
-Bilinear sampling is a hand-written flat gather: under jit on CPU it is as fast as
-``jax.scipy.ndimage.map_coordinates(order=1)`` (same values) and, unlike it, takes a traced
-``fill``.
+Bilinear sampling has two exact forms. Gathers are slow on XLA CPU (6 ms for 128 MNIST
+images), so when every sample lies within ``window`` pixels of its output pixel (small
+rotations and shifts: ``max_offset`` bounds it) the sample is a sum over the (2*window+1)^2
+shifted copies of the padded image, each weighted by the bilinear "tent" weights, which are
+exactly zero away from the four corners: one fused elementwise loop (0.4 ms). Otherwise it is
+a flat gather, as fast as ``jax.scipy.ndimage.map_coordinates(order=1)`` (same values).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
@@ -30,6 +34,7 @@ __all__ = [
     "normalize",
     "augment_params",
     "affine_warp",
+    "max_offset",
     "augment",
     "augment_batch",
 ]
@@ -87,19 +92,69 @@ def _bilinear_BHWC(
     return out
 
 
+def _bilinear_window_BHWC(
+    x_BHWC: jax.Array, y_BHW: jax.Array, x_pos_BHW: jax.Array, fill: jax.Array, window: int
+) -> jax.Array:
+    """As _bilinear_BHWC when every sample is less than `window` pixels (per axis) away."""
+    B, H, W, C = x_BHWC.shape
+    k = window
+    dy_BHW = y_BHW - jnp.arange(H, dtype=y_BHW.dtype)[None, :, None]
+    dx_BHW = x_pos_BHW - jnp.arange(W, dtype=x_pos_BHW.dtype)[None, None, :]
+    xp_BHWC = jnp.pad(x_BHWC, ((0, 0), (k, k), (k, k), (0, 0)), constant_values=fill)
+    out = None
+    for oy in range(-k, k + 1):
+        row = None
+        for ox in range(-k, k + 1):
+            wx_BHW1 = jnp.maximum(1.0 - jnp.abs(dx_BHW - ox), 0.0)[..., None]
+            term = wx_BHW1 * xp_BHWC[:, k + oy : k + oy + H, k + ox : k + ox + W, :]
+            row = term if row is None else row + term
+        wy_BHW1 = jnp.maximum(1.0 - jnp.abs(dy_BHW - oy), 0.0)[..., None]
+        out = wy_BHW1 * row if out is None else out + wy_BHW1 * row
+    return out
+
+
+# Above this window the (2w+1)^2 shifted copies cost more than the gather.
+_MAX_WINDOW = 3
+
+
+def max_offset(hw: tuple[int, int], max_rotation_deg: float, max_translation_px: float) -> float:
+    """Bound, per axis, on |sampled position - output position| of augment's warps."""
+    theta = math.radians(min(float(max_rotation_deg), 90.0))
+    radius = (max(hw) - 1) / 2.0
+    sin, cos = math.sin(theta), math.cos(theta)
+    return (sin + 1.0 - cos) * radius + (sin + cos) * max_translation_px  # shift is rotated too
+
+
+def _window(offset: float | None) -> int:
+    """Shifted copies needed each side for samples at most `offset` away (0: use the gather)."""
+    if offset is None:
+        return 0
+    window = math.floor(offset + 1e-3) + 1  # margin for float rounding of the positions
+    return window if window <= _MAX_WINDOW else 0
+
+
 def affine_warp(
-    x_BHWC: jax.Array, theta_B: jax.Array, shift_B2: jax.Array, *, fill: float = 0.0
+    x_BHWC: jax.Array,
+    theta_B: jax.Array,
+    shift_B2: jax.Array,
+    *,
+    fill: float = 0.0,
+    max_offset: float | None = None,
 ) -> jax.Array:
     """Rotate each image by theta_B (radians, CCW) about its centre, then shift by (dy, dx).
 
     One inverse affine map and bilinear sampling; keeps shape and dtype (integer images are
     rounded and clipped back to their dtype's range). ``fill`` may be a traced scalar.
+    ``max_offset``: a bound on every sample's distance per axis from its output pixel (see
+    ``max_offset()``), which lets small warps skip the gather; the values are the same.
     """
-    return _affine_warp(jnp.asarray(x_BHWC), jnp.asarray(theta_B), jnp.asarray(shift_B2), fill)
+    return _affine_warp(
+        jnp.asarray(x_BHWC), jnp.asarray(theta_B), jnp.asarray(shift_B2), fill, _window(max_offset)
+    )
 
 
-@jax.jit  # compiled once per shape/dtype (also when called eagerly)
-def _affine_warp(x_BHWC, theta_B, shift_B2, fill):
+@functools.partial(jax.jit, static_argnums=4)  # compiled once per shape/dtype/window
+def _affine_warp(x_BHWC, theta_B, shift_B2, fill, window):
     B, H, W, _ = x_BHWC.shape
     dtype = x_BHWC.dtype
     xf_BHWC = x_BHWC if jnp.issubdtype(dtype, jnp.floating) else x_BHWC.astype(jnp.float32)
@@ -118,7 +173,10 @@ def _affine_warp(x_BHWC, theta_B, shift_B2, fill):
     u_in_BHW = cos_B11 * u_BHW - sin_B11 * v_BHW + cx
     v_in_BHW = sin_B11 * u_BHW + cos_B11 * v_BHW + cy
     fill_arr = jnp.asarray(fill, dtype=fdt)
-    out_BHWC = _bilinear_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill_arr)
+    if window:
+        out_BHWC = _bilinear_window_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill_arr, window)
+    else:
+        out_BHWC = _bilinear_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill_arr)
     if out_BHWC.dtype != dtype:
         info = jnp.iinfo(dtype)
         out_BHWC = jnp.clip(jnp.round(out_BHWC), info.min, info.max).astype(dtype)
@@ -150,18 +208,19 @@ def augment(
         raise ValueError(f"expected images (B, H, W, C), got shape {x_BHWC.shape}.")
     if max_rotation_deg == 0.0 and max_translation_px == 0.0:
         return x_BHWC
-    return _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px)
+    offset = max_offset(x_BHWC.shape[1:3], max_rotation_deg, max_translation_px)
+    return _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px, _window(offset))
 
 
-@jax.jit  # strengths traced: compiled once per image shape/dtype
-def _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px):
+@functools.partial(jax.jit, static_argnums=5)  # strengths traced; one compile per window size
+def _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px, window):
     theta_B, shift_B2 = augment_params(
         key,
         x_BHWC.shape[0],
         max_rotation_deg=max_rotation_deg,
         max_translation_px=max_translation_px,
     )
-    return _affine_warp(x_BHWC, theta_B, shift_B2, fill)
+    return _affine_warp(x_BHWC, theta_B, shift_B2, fill, window)
 
 
 def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], **kwargs) -> dict:

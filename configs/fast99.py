@@ -1,8 +1,9 @@
 """99% test accuracy as fast as possible on a CPU: a small BN net, one epoch, one-cycle LR.
 
 Run:
-  python scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Expected: see BENCHMARKS.md.
+  MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
+Measured: 33,338 params; score [0.0237, 0.9924]; wall 10.2 s (2-core Zen 3 CPU, BENCHMARKS.md;
+warm compilation cache, 18.6 s on the first run).
 """
 
 from configs import base
@@ -11,7 +12,7 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.model = "fast99"
-    c.batch_size = 128
+    c.batch_size = 64
     c.num_epochs = 1
     c.optimizer = "adam"
     c.learning_rate = 1e-2

@@ -1,8 +1,8 @@
 """Under 8k parameters: BN, small dropout, a GAP head, rotation augmentation, one-cycle LR.
 
 Run:
-  python scripts/train.py --config configs/tiny.py --workdir runs/tiny
-Expected: see BENCHMARKS.md.
+  MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/tiny.py --workdir runs/tiny
+Measured: 6,554 params; score [0.0182, 0.9940]; wall 2 min 33 s (2-core Zen 3 CPU, BENCHMARKS.md).
 """
 
 from configs import base

@@ -2,6 +2,8 @@
 
 import functools
 import json
+import pathlib
+import re
 import shutil
 
 import chex
@@ -14,7 +16,9 @@ from cnn import models, train
 from cnn.checkpoint import IncompatibleWorkdirError
 from cnn.nn import Activation, BatchNorm, Conv, Dropout, GlobalAvgPool, MaxPool, Sequential
 from cnn.receptive_field import assert_covers
-from configs import base, eip_session1, eip_session1_original, fast99, tiny
+from configs import base, default, eip_session1, eip_session1_original, fast99, tiny
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +247,30 @@ def test_the_configs_networks():
     assert _params(models.tiny()) < 8_000
     assert_covers(models.tiny(), (1, 28, 28, 1))
     assert_covers(models.fast99(), (1, 28, 28, 1))
+
+
+_MEASURED = re.compile(r"Measured: ([\d,]+) params; score (\[[\d., ]+\]); wall ([^(\n]+?) \(")
+
+
+@pytest.mark.parametrize(
+    "module", [eip_session1_original, eip_session1, tiny, fast99], ids=lambda m: m.__name__
+)
+def test_config_docstring_figures_are_recorded_in_benchmarks(module):
+    """Each config states its command, params, score and wall time, as BENCHMARKS.md has them."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    doc = module.__doc__
+    assert f"scripts/train.py --config configs/{name}.py --workdir" in doc
+    match = _MEASURED.search(doc)
+    assert match, f"configs/{name}.py: no 'Measured: N params; score [..]; wall T (' line"
+    params, score, wall = match.groups()
+    assert int(params.replace(",", "")) == _params(models.get(module.get_config().model))
+    rows = [
+        line
+        for line in (_REPO / "BENCHMARKS.md").read_text().splitlines()
+        if line.startswith(f"| `configs/{name}.py`")
+    ]
+    assert any(params in r and score in r and wall in r for r in rows), (name, rows)
+
+
+def test_default_config_is_tiny():
+    assert default.get_config().to_dict() == tiny.get_config().to_dict()

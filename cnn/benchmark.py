@@ -1,0 +1,410 @@
+"""Training-throughput benchmark of a config, optionally against the same network in PyTorch.
+
+`benchmark(config)` times the real training path (`train.make_train_steps`: one jitted
+`lax.scan` over a chunk of steps, batches gathered from device-resident uint8 data) after
+compilation and warm-up, and reports images/s, compile time, peak RSS, achieved GFLOP/s and
+its fraction of `PEAK_GFLOPS`. Training FLOPs per image are counted as 3 x forward MACs x 2
+(forward, input-gradient and weight-gradient passes; one MAC is two FLOPs).
+
+With `peer="torch"` the same architecture is translated layer by layer to PyTorch
+(`to_torch`), trained with the same batch size, optimizer, learning rate, loss, data shape,
+preprocessing and augmentation for the same number of steps, and timed the same way. torch is
+imported only then: `cnn` does not require it. On a machine busy with other work, torch's
+default OpenMP spin-waiting with 2 threads can slow it many-fold; `OMP_WAIT_POLICY=PASSIVE` in
+the environment avoids that (recorded in the result as omp_wait_policy), as does an idle machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import resource
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from cnn import augment, model_summary, models, train
+from cnn.geometry import pair, resolve_padding
+from cnn.nn import (
+    Activation,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    MaxPool,
+    Sequential,
+)
+
+# Peak fp32 throughput of the reference machine: 2 Zen 3 cores x 2 FMA units x 8 fp32 lanes
+# (AVX2) x 2 FLOPs x ~2.45 GHz sustained all-core clock. Override with benchmark(peak_gflops=).
+PEAK_GFLOPS = 157.0
+IMAGE_SHAPE_HWC = (28, 28, 1)  # MNIST
+NUM_CLASSES = 10
+SYNTHETIC_EXAMPLES = 10_000
+REQUIRED_KEYS = ("images_per_s", "peer_images_per_s", "ratio", "gflops", "peak_fraction")
+
+
+class TranslationError(ValueError):
+    """A layer or setting with no exact PyTorch equivalent."""
+
+
+# ----------------------------------------------------------------------------- measurements
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def forward_macs(model: Sequential, image_shape_HWC=IMAGE_SHAPE_HWC) -> int:
+    """Multiply-accumulates of one example's forward pass (sum of the summary rows)."""
+    return sum(row.macs for row in model_summary.rows(model, (1, *image_shape_HWC)))
+
+
+def training_gflops(macs: int, images_per_s: float) -> float:
+    """Achieved GFLOP/s: 3 passes x MACs x 2 FLOPs per MAC x images/s."""
+    return 3 * macs * 2 * images_per_s / 1e9
+
+
+def synthetic_mnist(n: int = SYNTHETIC_EXAMPLES, seed: int = 0):
+    """Random uint8 images (N, 28, 28, 1) and int32 labels (N,): MNIST's shapes and dtypes."""
+    rng = np.random.default_rng(seed)
+    images_NHWC = rng.integers(0, 256, (n, *IMAGE_SHAPE_HWC), dtype=np.uint8)
+    labels_N = rng.integers(0, NUM_CLASSES, (n,), dtype=np.int32)
+    return images_NHWC, labels_N
+
+
+def _layer_key(layer: Any, index: int) -> str:
+    """The layer's key in the Flax variable tree (Sequential's members are layers_<i>)."""
+    return layer.name if layer.name else f"layers_{index}"
+
+
+def _chunk_inputs(n: int, batch_size: int, chunk: int, n_chunks: int, seed: int):
+    """n_chunks device-resident (idx_SB, mask_SB, valid_S) tuples of random full batches."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_chunks):
+        idx_SB = rng.integers(0, n, (chunk, batch_size), dtype=np.int32)
+        mask_SB = np.ones((chunk, batch_size), np.float32)
+        valid_S = np.ones((chunk,), np.int32)
+        out.append(jax.device_put((idx_SB, mask_SB, valid_S)))
+    return out
+
+
+def _time_ours(config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int):
+    """(seconds for the timed steps, timed steps, compile seconds, params) of our training path."""
+    chunk = max(1, min(config.steps_per_dispatch, steps))
+    n_timed = -(-steps // chunk)
+    n_warm = -(-warmup // chunk) if warmup else 0
+    tx, _ = train.make_optimizer(config, steps_per_epoch=max(steps, 1))
+    state = train.init_state(model, tx, config, images_NHWC.shape[1:])
+    params = train.num_params(state.params)
+    data = jax.device_put((images_NHWC, labels_N))
+    chunks = _chunk_inputs(len(labels_N), config.batch_size, chunk, n_warm + n_timed, config.seed)
+
+    t = time.perf_counter()
+    compiled = train.make_train_steps(model, tx, config).lower(state, *data, *chunks[0]).compile()
+    compile_s = time.perf_counter() - t
+
+    for chunk_args in chunks[:n_warm]:
+        state, metrics = compiled(state, *data, *chunk_args)
+    jax.block_until_ready((state, metrics) if n_warm else state)
+    t = time.perf_counter()
+    for chunk_args in chunks[n_warm:]:
+        state, metrics = compiled(state, *data, *chunk_args)
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - t
+    loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training diverged while benchmarking: loss {loss}")
+    return seconds, n_timed * chunk, compile_s, params
+
+
+def benchmark(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int = 256,
+    warmup: int = 64,
+    peer: str | None = None,
+    peak_gflops: float = PEAK_GFLOPS,
+    config_name: str | None = None,
+) -> dict[str, Any]:
+    """Training throughput of config's network at its batch size; see the module docstring.
+
+    steps: timed training steps (rounded up to whole chunks of config.steps_per_dispatch);
+    warmup: untimed steps run first, after compilation. peer: None or "torch".
+    peak_rss_mb is read before the peer runs; peer_peak_rss_mb (the process's peak after it)
+    includes ours.
+    """
+    if peer not in (None, "torch"):
+        raise ValueError(f"peer must be None or 'torch', got {peer!r}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    train.validate_config(config)
+    model = train.logits_model(models.get(config.model))
+    macs = forward_macs(model)
+    images_NHWC, labels_N = synthetic_mnist(seed=config.seed)
+
+    seconds, timed_steps, compile_s, params = _time_ours(
+        config, model, images_NHWC, labels_N, steps, warmup
+    )
+    images_per_s = timed_steps * config.batch_size / seconds
+    gflops = training_gflops(macs, images_per_s)
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "config": config_name if config_name is not None else config.model,
+        "model": config.model,
+        "batch_size": config.batch_size,
+        "steps": timed_steps,
+        "warmup_steps": warmup,
+        "steps_per_dispatch": max(1, min(config.steps_per_dispatch, steps)),
+        "images_per_s": images_per_s,
+        "seconds": seconds,
+        "compile_s": compile_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "params": params,
+        "macs": macs,
+        "gflops": gflops,
+        "peak_gflops": peak_gflops,
+        "peak_fraction": gflops / peak_gflops,
+        "device": device.device_kind,
+        "platform": device.platform,
+        "load_avg_1m": os.getloadavg()[0],
+        "peer": peer,
+        "peer_images_per_s": None,
+        "ratio": None,
+    }
+    if peer == "torch":
+        peer_seconds = time_torch(config, model, images_NHWC, labels_N, timed_steps, warmup)
+        peer_images_per_s = timed_steps * config.batch_size / peer_seconds
+        result.update(
+            peer_images_per_s=peer_images_per_s,
+            peer_seconds=peer_seconds,
+            peer_gflops=training_gflops(macs, peer_images_per_s),
+            peer_peak_rss_mb=peak_rss_mb(),
+            ratio=images_per_s / peer_images_per_s,
+            peer_threads=2,
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------- PyTorch peer
+def _torch_padding(padding, kernel, stride, dilation, where: str):
+    """Our padding as torch's: an (h, w) pair, or 'same' (stride 1 only)."""
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        if stride != (1, 1):
+            raise TranslationError(f"{where}: padding 'SAME' with stride {stride} (torch: 1 only)")
+        return "same"
+    (top, bottom), (left, right) = resolve_padding(padding, (1, 1), kernel, stride, dilation)
+    if top != bottom or left != right:
+        raise TranslationError(f"{where}: asymmetric padding {padding!r} has no torch equivalent")
+    return (top, left)
+
+
+def _torch_activation(name: str, where: str):
+    import torch.nn as tnn
+
+    table = {
+        "relu": tnn.ReLU,
+        "leaky_relu": lambda: tnn.LeakyReLU(0.01),
+        "elu": tnn.ELU,
+        "gelu": tnn.GELU,
+        "silu": tnn.SiLU,
+        "sigmoid": tnn.Sigmoid,
+        "tanh": tnn.Tanh,
+        "softplus": lambda: tnn.Softplus(threshold=1e9),  # ours is exact log(1 + e^x)
+        "softmax": lambda: tnn.Softmax(dim=1),  # ours is over channels, NCHW's dim 1
+        "log_softmax": lambda: tnn.LogSoftmax(dim=1),
+        "identity": tnn.Identity,
+    }
+    if name not in table:
+        raise TranslationError(f"{where}: activation {name!r} has no torch translation")
+    return table[name]()
+
+
+def to_torch(model: Sequential, image_shape_HWC=IMAGE_SHAPE_HWC):
+    """The same network as a torch.nn.Sequential on NCHW input; children named as Flax names ours.
+
+    Conv -> Conv2d, BatchNorm -> BatchNorm2d/1d (torch momentum = 1 - ours; torch's running
+    variance update is unbiased, ours biased), Dropout -> Dropout, Activation -> its module,
+    MaxPool/AvgPool -> MaxPool2d/AvgPool2d, GlobalAvgPool -> AdaptiveAvgPool2d(1) + Flatten,
+    Flatten -> NHWC-order flatten (a permute first where the map is larger than 1x1, so logits
+    match ours exactly). Raises TranslationError for anything else.
+    """
+    import torch
+    import torch.nn as tnn
+
+    class FlattenNHWC(tnn.Module):
+        """Flattens (B, C, H, W) in (H, W, C) order, as ours does on NHWC."""
+
+        def forward(self, x):
+            return torch.flatten(x.permute(0, 2, 3, 1), 1)
+
+    children = {}
+    shape = (1, *image_shape_HWC)
+    for i, layer in enumerate(model.layers):
+        key, where = _layer_key(layer, i), f"layer {i} ({type(layer).__name__})"
+        if isinstance(layer, Conv):
+            kernel = pair(layer.kernel_size, "kernel_size")
+            stride = pair(layer.stride, "stride")
+            dilation = pair(layer.dilation, "dilation")
+            children[key] = tnn.Conv2d(
+                shape[-1],
+                layer.features,
+                kernel,
+                stride=stride,
+                padding=_torch_padding(layer.padding, kernel, stride, dilation, where),
+                dilation=dilation,
+                groups=layer.groups,
+                bias=layer.use_bias,
+            )
+        elif isinstance(layer, BatchNorm):
+            bn_cls = {4: tnn.BatchNorm2d, 2: tnn.BatchNorm1d}.get(len(shape))
+            if bn_cls is None:
+                raise TranslationError(f"{where}: BatchNorm on rank-{len(shape)} input")
+            bn = bn_cls(shape[-1], eps=layer.eps, momentum=1.0 - layer.momentum)
+            bn.weight.requires_grad_(layer.use_scale)  # frozen at 1 / 0 like ours
+            bn.bias.requires_grad_(layer.use_bias)
+            children[key] = bn
+        elif isinstance(layer, Dropout):
+            children[key] = tnn.Dropout(layer.rate)
+        elif isinstance(layer, Activation):
+            children[key] = _torch_activation(layer.fn, where)
+        elif isinstance(layer, (MaxPool, AvgPool)):
+            window = pair(layer.window, "window")
+            stride = window if layer.stride is None else pair(layer.stride, "stride")
+            if isinstance(layer.padding, str) and layer.padding.upper() != "VALID":
+                raise TranslationError(f"{where}: padding {layer.padding!r} (torch: ints only)")
+            padding = _torch_padding(layer.padding, window, stride, (1, 1), where)
+            if isinstance(layer, MaxPool):
+                children[key] = tnn.MaxPool2d(window, stride, padding)
+            else:
+                children[key] = tnn.AvgPool2d(window, stride, padding, count_include_pad=True)
+        elif isinstance(layer, GlobalAvgPool):
+            children[key] = tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Flatten())
+        elif isinstance(layer, Flatten):
+            children[key] = tnn.Flatten() if math.prod(shape[1:-1]) == 1 else FlattenNHWC()
+        else:
+            raise TranslationError(f"{where}: no torch translation for {type(layer).__name__}")
+        shape = tuple(layer.output_shape(shape))
+    return tnn.Sequential(collections.OrderedDict(children))
+
+
+def torch_num_params(torch_model) -> int:
+    """All parameters, as ours counts them (frozen BN scale/bias included)."""
+    return sum(p.numel() for p in torch_model.parameters())
+
+
+def copy_to_torch(variables: dict, model: Sequential, torch_model) -> None:
+    """Copies our params and BN statistics into to_torch(model) (Conv kernels HWIO -> OIHW)."""
+    import torch
+
+    params, stats = variables["params"], variables.get("batch_stats", {})
+
+    def put(dst, src) -> None:
+        src = torch.from_numpy(np.array(src, np.float32))
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"shape mismatch: torch {tuple(dst.shape)} vs ours {tuple(src.shape)}")
+        dst.copy_(src)
+
+    children = dict(torch_model.named_children())
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            key = _layer_key(layer, i)
+            if isinstance(layer, Conv):
+                put(children[key].weight, np.transpose(params[key]["kernel"], (3, 2, 0, 1)))
+                if layer.use_bias:
+                    put(children[key].bias, params[key]["bias"])
+            elif isinstance(layer, BatchNorm):
+                bn, scale_C, bias_C = children[key], params[key]["scale"], params[key]["bias"]
+                put(bn.weight, scale_C if layer.use_scale else np.ones_like(scale_C))
+                put(bn.bias, bias_C if layer.use_bias else np.zeros_like(bias_C))
+                put(bn.running_mean, stats[key]["mean"])
+                put(bn.running_var, stats[key]["var"])
+
+
+def _torch_optimizer(config, params):
+    """The config's optimizer at its peak learning rate (the schedule's shape costs nothing)."""
+    import torch
+
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=1e-8, weight_decay=wd)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, eps=1e-8, weight_decay=wd)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=wd
+        )
+    raise TranslationError(f"no torch optimizer for {config.optimizer!r}")
+
+
+def _torch_augment(x_BCHW, max_rotation_deg: float, max_translation_px: float):
+    """Random rotation and shift about the centre, bilinear, black outside (like ours)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x_BCHW.shape
+    theta_B = torch.deg2rad(torch.empty(b).uniform_(-max_rotation_deg, max_rotation_deg))
+    shift_B2 = torch.empty(b, 2).uniform_(-max_translation_px, max_translation_px)
+    cos, sin = torch.cos(theta_B), torch.sin(theta_B)
+    # Output -> input map in align_corners=True coordinates ([-1, 1] spans pixel centres).
+    sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
+    affine_B23 = torch.stack(
+        [
+            torch.stack([cos, sin * sx / sy, -shift_B2[:, 1] * sx], 1),
+            torch.stack([-sin * sy / sx, cos, -shift_B2[:, 0] * sy], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(affine_B23, list(x_BCHW.shape), align_corners=True)
+    return F.grid_sample(x_BCHW, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def time_torch(config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int) -> float:
+    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones, 2 threads."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+    torch.manual_seed(config.seed)
+    net = to_torch(model)
+    ours = train.num_params(
+        model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_SHAPE_HWC), np.float32))["params"]
+    )
+    if torch_num_params(net) != ours:
+        raise AssertionError(f"torch model has {torch_num_params(net)} parameters, ours {ours}")
+    net.train()
+    opt = _torch_optimizer(config, [p for p in net.parameters() if p.requires_grad])
+    images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(labels_N.astype(np.int64))
+    rot, shift = config.augment.rotation_deg, config.augment.translation_px
+    n, batch_size = len(labels), config.batch_size
+
+    def step():
+        idx_B = torch.randint(0, n, (batch_size,))
+        x = images_NCHW[idx_B].float().div_(255.0)
+        if rot or shift:
+            x = _torch_augment(x, rot, shift)  # black is 0 before normalizing, as ours after
+        x = x.sub_(augment.MNIST_MEAN).div_(augment.MNIST_STD)
+        loss = F.cross_entropy(net(x), labels[idx_B], label_smoothing=config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss = float(loss.detach())
+    seconds = time.perf_counter() - t
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"torch training diverged while benchmarking: loss {loss}")
+    return seconds

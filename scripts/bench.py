@@ -1,0 +1,70 @@
+"""Benchmark training throughput: python scripts/bench.py --config configs/X.py [--peer torch]
+[--json] [--steps N] [--warmup N] [--config.k=v]."""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo's configs/
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from cnn import benchmark, train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
+_PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same network in this framework.")
+_JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object on stdout.")
+_STEPS = flags.DEFINE_integer("steps", 256, "Timed training steps (whole dispatch chunks).")
+_WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
+_PEAK = flags.DEFINE_float("peak_gflops", benchmark.PEAK_GFLOPS, "Machine peak fp32 GFLOP/s.")
+flags.mark_flags_as_required(["config"])
+
+
+def _config_name(argv: list[str]) -> str:
+    """The config file as given, plus any --config.k=v overrides."""
+    path = flags.FLAGS["config"].config_filename
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return " ".join([path, *overrides])
+
+
+def _format(r: dict) -> str:
+    lines = [
+        f"config       {r['config']}",
+        f"device       {r['device']} ({r['platform']})",
+        f"model        {r['model']}: {r['params']:,} params, {r['macs']:,} forward MACs/image",
+        f"batch        {r['batch_size']}, {r['steps']} timed steps after {r['warmup_steps']}",
+        f"compile      {r['compile_s']:.2f} s",
+        f"throughput   {r['images_per_s']:,.0f} images/s",
+        f"compute      {r['gflops']:.2f} GFLOP/s = {r['peak_fraction']:.1%} of "
+        f"{r['peak_gflops']:g} peak",
+        f"peak RSS     {r['peak_rss_mb']:.0f} MB",
+    ]
+    if r["peer"]:
+        lines += [
+            f"{r['peer']:<12} {r['peer_images_per_s']:,.0f} images/s"
+            f" ({r['peer_gflops']:.2f} GFLOP/s)",
+            f"ratio        {r['ratio']:.2f}x (ours / {r['peer']})",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        result = benchmark.benchmark(
+            _CONFIG.value,
+            steps=_STEPS.value,
+            warmup=_WARMUP.value,
+            peer=_PEER.value,
+            peak_gflops=_PEAK.value,
+            config_name=_config_name(sys.argv[1:]),
+        )
+    except (*train.USER_ERRORS, benchmark.TranslationError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result) if _JSON.value else _format(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

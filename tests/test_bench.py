@@ -1,0 +1,121 @@
+"""Benchmark: the PyTorch translation matches ours (params, logits); numbers and the script."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+# Shared CI runners: torch's OpenMP spin-waiting on busy cores slows it many-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402  (the dev extra installs it)
+
+from cnn import benchmark, models, train  # noqa: E402
+from cnn.nn import BatchNorm, Conv, Sequential  # noqa: E402
+from configs import tiny  # noqa: E402
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _randomized_variables(model, key):
+    """init() variables with BN statistics and affine params moved off their trivial values."""
+    variables = model.init(key, jnp.zeros((1, *benchmark.IMAGE_SHAPE_HWC), jnp.float32))
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    noisy = [
+        leaf + 0.2 * jax.random.uniform(k, leaf.shape, jnp.float32)
+        for leaf, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_torch_translation_matches(name):
+    model = train.logits_model(models.get(name))
+    variables = _randomized_variables(model, jax.random.PRNGKey(0))
+    net = benchmark.to_torch(model)
+    assert benchmark.torch_num_params(net) == train.num_params(variables["params"])
+
+    benchmark.copy_to_torch(variables, model, net)
+    net.eval()
+    x_BHWC = jax.random.normal(jax.random.PRNGKey(1), (4, *benchmark.IMAGE_SHAPE_HWC))
+    ours_BK = np.asarray(model.apply(variables, x_BHWC, train=False))
+    with torch.no_grad():
+        theirs_BK = net(torch.from_numpy(np.asarray(x_BHWC).transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(theirs_BK.numpy(), ours_BK, atol=1e-4, rtol=1e-4)
+
+
+def test_flatten_of_a_map_matches():
+    """A Flatten of a 2x2 map flattens in our NHWC order."""
+    from cnn.nn import Flatten
+
+    model = Sequential([Conv(3, 3, stride=2, padding=1), BatchNorm(), Conv(5, 13), Flatten()])
+    variables = _randomized_variables(model, jax.random.PRNGKey(2))
+    net = benchmark.to_torch(model).eval()
+    benchmark.copy_to_torch(variables, model, net)
+    x_BHWC = jax.random.normal(jax.random.PRNGKey(3), (2, *benchmark.IMAGE_SHAPE_HWC))
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(np.asarray(x_BHWC).transpose(0, 3, 1, 2).copy())).numpy()
+    ours = np.asarray(model.apply(variables, x_BHWC, train=False))
+    assert ours.shape == (2, 20)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_untranslatable_padding_is_a_clear_error():
+    model = Sequential([Conv(4, 3, padding=((0, 1), (0, 1)))])
+    with pytest.raises(benchmark.TranslationError, match="asymmetric padding"):
+        benchmark.to_torch(model)
+    with pytest.raises(benchmark.TranslationError, match="'SAME' with stride"):
+        benchmark.to_torch(Sequential([Conv(4, 3, stride=2, padding="SAME")]))
+
+
+def _small_config():
+    c = tiny.get_config()
+    c.batch_size = 8
+    c.steps_per_dispatch = 2
+    return c
+
+
+def _check(result, peer):
+    for key in ("images_per_s", "gflops", "peak_fraction", "compile_s", "peak_rss_mb"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["params"] == 6554 and result["macs"] > 0
+    assert result["batch_size"] == 8 and result["steps"] == 4 and result["config"] == "tiny"
+    assert result["device"] and result["platform"]
+    if peer:
+        for key in ("peer_images_per_s", "ratio"):
+            assert math.isfinite(result[key]) and result[key] > 0, key
+    else:
+        assert result["peer_images_per_s"] is None and result["ratio"] is None
+
+
+@pytest.mark.parametrize("peer", [None, "torch"])
+def test_benchmark_numbers(peer):
+    result = benchmark.benchmark(_small_config(), steps=3, warmup=1, peer=peer)
+    _check(result, peer)
+    assert set(benchmark.REQUIRED_KEYS) <= set(result)
+
+
+def test_script_json():
+    cmd = [
+        sys.executable,
+        str(_REPO / "scripts" / "bench.py"),
+        f"--config={_REPO / 'configs' / 'tiny.py'}",
+        "--peer=torch",
+        "--json",
+        "--steps=2",
+        "--warmup=1",
+        "--config.batch_size=8",
+        "--config.steps_per_dispatch=2",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout)
+    for key in benchmark.REQUIRED_KEYS:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["config"].endswith("tiny.py --config.batch_size=8 --config.steps_per_dispatch=2")
