@@ -2,9 +2,12 @@
 
 import functools
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -274,3 +277,35 @@ def test_config_docstring_figures_are_recorded_in_benchmarks(module):
 
 def test_default_config_is_tiny():
     assert default.get_config().to_dict() == tiny.get_config().to_dict()
+
+
+def _script(*args, env=None):
+    cmd = [sys.executable, str(_REPO / "scripts" / "train.py"), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+
+
+def test_train_script_end_to_end_and_its_errors(tmp_path, jax_cache):
+    """The script as users run it: one epoch on a real subset, then user errors without traces."""
+    common = [
+        f"--config={_REPO / 'configs' / 'fast99.py'}",
+        "--config.train_examples=1024",
+        "--config.test_examples=500",
+        "--config.progress=False",
+        f"--config.compilation_cache_dir={jax_cache}",
+    ]
+    ok = _script(*common, f"--workdir={tmp_path / 'run'}")
+    assert ok.returncode == 0, ok.stderr
+    assert "epoch   1/1: train loss" in ok.stdout and "score: [" in ok.stdout
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["epochs"] == 1
+
+    bad = _script(*common, "--config.model=resnet", f"--workdir={tmp_path / 'run'}")
+    assert bad.returncode == 1
+    assert "error: config.model='resnet' is not one of" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert (tmp_path / "run" / "result.json").exists()  # the finished run is untouched
+
+    missing = _script(*common, f"--workdir={tmp_path / 'other'}", env={"MNIST_DIR": "/nonexistent"})
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "/nonexistent" in missing.stderr
