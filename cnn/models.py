@@ -51,15 +51,19 @@ def _block(features: int, dropout: float, padding: int = 0) -> list:
     return layers + ([Dropout(dropout)] if dropout else [])
 
 
-def tiny(dropout: float = 0.05) -> Sequential:
-    """Under 8k parameters: BN, small dropout, a GAP head; field covers the 28x28 input."""
+def tiny(dropout: float = 0.0) -> Sequential:
+    """Under 8k parameters: BN, a GAP head; field covers the 28x28 input.
+
+    Trained with rotation augmentation it underfits (train accuracy below test), so the
+    default has no dropout: measured, dropout 0.05 costs accuracy (BENCHMARKS.md).
+    """
     return Sequential(
         [
             *_block(8, dropout),  # 26x26, r 3
             *_block(16, dropout),  # 24x24, r 5
             MaxPool(2),  # 12x12, r 6
             Conv(8, 1, use_bias=False),
-            *_block(12, dropout),  # 10x10, r 10
+            *_block(16, dropout),  # 10x10, r 10
             *_block(16, dropout),  # 8x8, r 14
             *_block(16, dropout),  # 6x6, r 18
             Conv(10, 1),

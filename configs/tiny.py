@@ -1,8 +1,9 @@
-"""Under 8k parameters: BN, small dropout, a GAP head, rotation augmentation, one-cycle LR.
+"""Under 8k parameters: BN, a GAP head, rotation augmentation, one-cycle LR (no dropout: it hurts).
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/tiny.py --workdir runs/tiny
-Measured: 6,554 params; score [0.0182, 0.9940]; wall 2 min 33 s (2-core Zen 3 CPU, BENCHMARKS.md).
+Measured: 7,426 params; score [0.0197, 0.9940]; wall 2 min 44 s (2-core Zen 3 CPU, BENCHMARKS.md).
+Seeds 1 and 2: 0.9952 and 0.9942.
 """
 
 from configs import base

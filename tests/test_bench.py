@@ -85,7 +85,10 @@ def _small_config():
 def _check(result, peer):
     for key in ("images_per_s", "gflops", "peak_fraction", "compile_s", "peak_rss_mb"):
         assert math.isfinite(result[key]) and result[key] > 0, key
-    assert result["params"] == 6554 and result["macs"] > 0
+    tiny_params = jax.eval_shape(
+        models.tiny().init, jax.random.PRNGKey(0), jnp.zeros((1, *benchmark.IMAGE_SHAPE_HWC))
+    )["params"]
+    assert result["params"] == train.num_params(tiny_params) and result["macs"] > 0
     assert result["batch_size"] == 8 and result["steps"] == 4 and result["config"] == "tiny"
     assert result["device"] and result["platform"]
     if peer:
