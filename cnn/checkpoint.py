@@ -26,6 +26,7 @@ RESUMABLE_KEYS = frozenset(
         "compilation_cache_dir",
         "steps_per_dispatch",
         "keep_checkpoints",
+        "require_full_field",
         "data_dir",
         "data_source",
         "eval_batch_size",

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnn import augment, data, models
+from cnn import augment, data, models, receptive_field
 from cnn.checkpoint import (
     Checkpointer,
     IncompatibleWorkdirError,
@@ -208,6 +208,16 @@ def train_step(
     return new_state, metrics
 
 
+def assert_field_covers(model: nn.Module, input_shape) -> None:
+    """Trace-time check that the last layer's receptive field covers the whole input."""
+    try:
+        receptive_field.assert_covers(model, input_shape)
+    except AssertionError as e:
+        raise ConfigError(
+            f"{e}; or set config.require_full_field=False to train it anyway"
+        ) from None
+
+
 def make_train_steps(model: nn.Module, tx, config, max_traces: int = 1) -> Callable:
     """The one jitted training function: `steps(state, images, labels, idx_SB, mask_SB, valid_S)`.
 
@@ -226,6 +236,8 @@ def make_train_steps(model: nn.Module, tx, config, max_traces: int = 1) -> Calla
                 f"the training step was traced {traces} times (at most {max_traces} allowed):"
                 " an argument changed shape or dtype between calls"
             )
+        if config.get("require_full_field", False):
+            assert_field_covers(model, (idx_SB.shape[1], *images_NHWC.shape[1:]))
 
         def body(state, xs):
             idx_B, mask_B, valid = xs

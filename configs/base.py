@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.label_smoothing = 0.0
     c.augment = ml_collections.ConfigDict({"rotation_deg": 0.0, "translation_px": 0.0})
+    # Checked when the step is traced: the last layer's receptive field covers the input.
+    c.require_full_field = True
     # Execution.
     c.steps_per_dispatch = 128  # training steps per device call (one lax.scan)
     c.eval_batch_size = (

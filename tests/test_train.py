@@ -176,7 +176,7 @@ def small_net():
 
 
 def test_train_step_traces_once(jax_cache):
-    c = small_config(jax_cache, batch_size=16)
+    c = small_config(jax_cache, batch_size=16, require_full_field=False)  # r=27 of 28
     model = small_net()
     tx, state, images, labels, idx, mask = _step_inputs(c, model)
     chex.clear_trace_counter()
@@ -200,7 +200,7 @@ def test_train_step_traces_once(jax_cache):
 
 
 def test_step_updates_batch_stats_and_eval_is_deterministic(jax_cache):
-    c = small_config(jax_cache, batch_size=16)
+    c = small_config(jax_cache, batch_size=16, require_full_field=False)  # r=27 of 28
     model = small_net()
     tx, state, images, labels, idx, mask = _step_inputs(c, model, steps=1)
     batch = {"image": images[idx[0]], "label": labels[idx[0]], "mask": mask[0]}
@@ -309,3 +309,16 @@ def test_train_script_end_to_end_and_its_errors(tmp_path, jax_cache):
     missing = _script(*common, f"--workdir={tmp_path / 'other'}", env={"MNIST_DIR": "/nonexistent"})
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "/nonexistent" in missing.stderr
+
+
+def test_a_field_that_misses_the_input_is_refused_at_trace_time(tmp_path, jax_cache, monkeypatch):
+    """Stride 4 with a 3x3 kernel skips the last row and column: the field misses them."""
+    monkeypatch.setitem(
+        models.MODELS, "tiny", lambda: Sequential([Conv(10, 3, stride=4), GlobalAvgPool()])
+    )
+    with pytest.raises(train.ConfigError, match="does not cover the input.*require_full_field"):
+        train.train_and_evaluate(small_config(jax_cache), tmp_path / "a")
+    result = train.train_and_evaluate(
+        small_config(jax_cache, require_full_field=False, num_epochs=1), tmp_path / "b"
+    )
+    assert result["epochs"] == 1
