@@ -135,17 +135,22 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 
 def init_state(model: nn.Module, tx, config, image_shape) -> TrainState:
-    key = jax.random.PRNGKey(config.seed)
-    init_key, state_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        key=state_key,
-    )
+    """The initial state, built by one compiled function (op by op it takes seconds on CPU)."""
+
+    @jax.jit
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        variables = model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32))
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            key=state_key,
+        )
+
+    return init(jax.random.PRNGKey(config.seed))
 
 
 # ----------------------------------------------------------------------------- the step

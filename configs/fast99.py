@@ -2,8 +2,8 @@
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Measured: 33,338 params; score [0.0237, 0.9924]; wall 10.2 s (2-core Zen 3 CPU, BENCHMARKS.md;
-warm compilation cache, 18.6 s on the first run).
+Measured: 33,338 params; score [0.0237, 0.9924]; wall 9.85 s (2-core Zen 3 CPU, BENCHMARKS.md;
+warm compilation cache; 14.6-17.6 s on the first run).
 """
 
 from configs import base
