@@ -374,9 +374,8 @@ def time_torch(config, model: Sequential, images_NHWC, labels_N, steps: int, war
     torch.set_num_threads(2)
     torch.manual_seed(config.seed)
     net = to_torch(model)
-    ours = train.num_params(
-        model.init(jax.random.PRNGKey(0), np.zeros((1, *IMAGE_SHAPE_HWC), np.float32))["params"]
-    )
+    x_spec = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE_HWC), np.float32)
+    ours = train.num_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x_spec)["params"])
     if torch_num_params(net) != ours:
         raise AssertionError(f"torch model has {torch_num_params(net)} parameters, ours {ours}")
     net.train()

@@ -8,12 +8,13 @@ it; resuming with an incompatible config is refused instead of overwriting the u
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from cnn.files import atomic_write_text
 
 # Settings that may change between a run and its resumption without changing what is trained
 # up to the epochs already done.
@@ -36,13 +37,6 @@ RESUMABLE_KEYS = frozenset(
 
 class IncompatibleWorkdirError(ValueError):
     """The run directory holds a run of another config."""
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Writes text to path via a temporary file and a rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_workdir_config(workdir: pathlib.Path, config: dict[str, Any]) -> None:

@@ -33,12 +33,13 @@ import math
 import operator
 import os
 import pathlib
-import secrets
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
+
+from cnn.files import atomic_write
 
 __all__ = [
     "MNIST_URL",
@@ -285,29 +286,14 @@ def _load_cache(path: pathlib.Path, splits: list[str]) -> Splits | None:
 
 
 def _save_cache(path: pathlib.Path, data: Splits) -> None:
-    """Write atomically (temp file in the same folder + os.replace); warn on failure."""
+    """Write atomically (files.atomic_write); warn on failure."""
     arrays = {}
     for s, (x, y) in data.items():
         arrays[f"{s}_images"], arrays[f"{s}_labels"] = x, y
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
         warnings.warn(f"could not write MNIST cache {path}: {e}", stacklevel=3)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _load_idx_dir(

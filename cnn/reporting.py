@@ -7,7 +7,7 @@ import pathlib
 import sys
 from typing import Any
 
-from cnn.checkpoint import atomic_write_text
+from cnn.files import atomic_write_text
 
 
 class Reporter:

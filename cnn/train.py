@@ -24,12 +24,8 @@ import numpy as np
 import optax
 
 from cnn import augment, data, models, receptive_field
-from cnn.checkpoint import (
-    Checkpointer,
-    IncompatibleWorkdirError,
-    atomic_write_text,
-    check_workdir_config,
-)
+from cnn.checkpoint import Checkpointer, IncompatibleWorkdirError, check_workdir_config
+from cnn.files import atomic_write_text
 from cnn.nn import Activation, Sequential
 from cnn.reporting import Reporter
 
@@ -51,13 +47,16 @@ _CHOICES = {
 }
 
 
+def _not_a_choice(config: ml_collections.ConfigDict, key: str) -> ConfigError:
+    choices = ", ".join(map(repr, _CHOICES[key]))
+    return ConfigError(f"config.{key}={config[key]!r} is not one of {choices}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad value and what would be valid."""
     for key, choices in _CHOICES.items():
         if config[key] not in choices:
-            raise ConfigError(
-                f"config.{key}={config[key]!r} is not one of {', '.join(map(repr, choices))}"
-            )
+            raise _not_a_choice(config, key)
     for key, low in (
         ("batch_size", 1),
         ("num_epochs", 0),
@@ -118,9 +117,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
             0.0, lr, int(config.warmup_fraction * total), total
         )
     else:
-        raise ValueError(
-            f"unknown schedule {config.schedule!r}; valid: 'constant', 'onecycle', 'cosine'"
-        )
+        raise _not_a_choice(config, "schedule")
     if config.optimizer == "adam":
         tx = optax.adam(schedule)
     elif config.optimizer == "adamw":
@@ -128,7 +125,7 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     elif config.optimizer == "sgd":
         tx = optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov)
     else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: 'adam', 'adamw', 'sgd'")
+        raise _not_a_choice(config, "optimizer")
     if config.optimizer != "adamw" and config.weight_decay:
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
     return tx, schedule
@@ -162,7 +159,7 @@ def preprocess(images_BHWC: Array, key: Array, config) -> Array:
         x_BHWC,
         max_rotation_deg=config.augment.rotation_deg,
         max_translation_px=config.augment.translation_px,
-        fill=-augment.MNIST_MEAN / augment.MNIST_STD,
+        fill=augment.NORMALIZED_BLACK,
     )
 
 
@@ -173,13 +170,12 @@ def _loss_and_metrics(logits_BK, labels_B, mask_B, label_smoothing: float):
         onehot_BK = optax.smooth_labels(onehot_BK, label_smoothing)
     loss_B = optax.softmax_cross_entropy(logits_BK, onehot_BK)
     correct_B = (jnp.argmax(logits_BK, -1) == labels_B).astype(jnp.float32)
-    count = jnp.sum(mask_B)
     metrics = {
         "loss_sum": jnp.sum(loss_B * mask_B),
         "correct": jnp.sum(correct_B * mask_B),
-        "count": count,
+        "count": jnp.sum(mask_B),
     }
-    return jnp.sum(loss_B * mask_B) / jnp.maximum(count, 1.0), metrics
+    return metrics["loss_sum"] / jnp.maximum(metrics["count"], 1.0), metrics
 
 
 def train_step(
@@ -376,6 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     compiled_eval = evaluate.lower(state.params, state.batch_stats, *device_data[2:]).compile()
     t = timer.add("compile", t)
 
+    def evaluate_state() -> dict[str, float]:
+        metrics = compiled_eval(state.params, state.batch_stats, *device_data[2:])
+        return _summarize(jax.device_get(metrics))
+
     test = {}
     with jax.transfer_guard("disallow"):
         for epoch in range(start_epoch + 1, config.num_epochs + 1):
@@ -404,9 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 reporter.advance(min(chunk, steps_per_epoch - c * chunk))
             train = _summarize(jax.device_get(totals))
             t = timer.add("train", t)
-            test = _summarize(
-                jax.device_get(compiled_eval(state.params, state.batch_stats, *device_data[2:]))
-            )
+            test = evaluate_state()
             t = timer.add("eval", t)
             seconds = time.perf_counter() - t_epoch
             reporter.end_epoch(
@@ -421,9 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             t = time.perf_counter()
 
     if not test:  # nothing left to train: evaluate what the checkpoint holds
-        test = _summarize(
-            jax.device_get(compiled_eval(state.params, state.batch_stats, *device_data[2:]))
-        )
+        test = evaluate_state()
         t = timer.add("eval", t)
     checkpointer.close()
     result = {

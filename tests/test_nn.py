@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnn import activations, layers
+from cnn.models import eip_session1_original
 from cnn.nn import (
     Activation,
     AvgPool,
@@ -329,17 +330,7 @@ def test_no_retracing_on_same_shapes():
 
 # ----------------------------------------------------------------------------- the course net
 def test_course_network():
-    model = Sequential(
-        [
-            Conv(32, 3),
-            Activation("relu"),
-            Conv(10, 1),
-            Activation("relu"),
-            Conv(10, 26),
-            Flatten(),
-            Activation("softmax"),
-        ]
-    )
+    model = eip_session1_original()
     x = _x((2, 28, 28, 1), seed=8)
     variables = model.init(KEY, x)
     assert _num_params(variables) == 68_260

@@ -9,6 +9,7 @@ import pytest
 
 from cnn import receptive_field as rf
 from cnn.geometry import Geometry
+from cnn.models import eip_session1_original
 from cnn.nn import (
     Activation,
     AvgPool,
@@ -170,17 +171,7 @@ def test_random_stacks_measured_equals_predicted():
 
 
 def test_course_network_table():
-    model = Sequential(
-        [
-            Conv(32, 3),
-            Activation("relu"),
-            Conv(10, 1),
-            Activation("relu"),
-            Conv(10, 26),
-            Flatten(),
-            Activation("softmax"),
-        ]
-    )
+    model = eip_session1_original()
     rows = rf.table(model, (1, 28, 28, 1))
     assert [row.r for row in rows] == [(3, 3)] * 4 + [(28, 28)] * 3
     assert [row.start for row in rows] == [(1.0, 1.0)] * 4 + [(13.5, 13.5)] * 3

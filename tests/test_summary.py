@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cnn import model_summary as summary_lib
+from cnn.models import eip_session1_original
 from cnn.nn import (
     Activation,
     AvgPool,
@@ -22,17 +23,7 @@ from cnn.nn import (
 
 
 def course_network():
-    return Sequential(
-        [
-            Conv(32, 3),
-            Activation("relu"),
-            Conv(10, 1),
-            Activation("relu"),
-            Conv(10, 26),
-            Flatten(),
-            Activation("softmax"),
-        ]
-    )
+    return eip_session1_original()
 
 
 def init_shapes(model, input_shape):
