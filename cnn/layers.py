@@ -10,6 +10,7 @@ gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -235,11 +236,26 @@ def _conv_pointwise(x, w, stride, pads, dilation, groups, out_hw):
 
 
 def _conv_im2col(x, w, stride, pads, dilation, groups, out_hw):
-    """Patches (B, Ho, Wo, kh*kw, C) from kh*kw strided slices, then one matmul."""
+    """Patches (B, Ho, Wo, kh*kw, C), then one matmul.
+
+    The patches are built in two passes, kw column taps and then kh row taps of those: XLA on CPU
+    copies kw + kh slices instead of kh*kw, and the backward pass scatters in two passes too.
+    """
     kh, kw, cg, o = w.shape
     xp = _pad(x, pads)
-    taps = [_tap(xp, i, j, stride, dilation, out_hw) for i in range(kh) for j in range(kw)]
-    patches = jnp.stack(taps, axis=3)
+    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_hw
+    cols_BHWJC = jnp.stack(
+        [lax.slice_in_dim(xp, j * dw, j * dw + (wo - 1) * sw + 1, sw, axis=2) for j in range(kw)],
+        axis=3,
+    )
+    patches = jnp.stack(
+        [
+            lax.slice_in_dim(cols_BHWJC, i * dh, i * dh + (ho - 1) * sh + 1, sh, axis=1)
+            for i in range(kh)
+        ],
+        axis=3,
+    )  # (B, Ho, Wo, kh, kw, C)
+    patches = patches.reshape(*patches.shape[:3], kh * kw, x.shape[3])
     return _grouped_contract(patches, w.reshape(kh * kw, cg, o), groups)
 
 
@@ -283,11 +299,35 @@ def max_pool(
     """Max over windows (stride defaults to the window). Padding counts as -inf."""
     win, st, pads, out_hw = _pool_args("max_pool", x_BHWC, window, stride, padding)
     if _is_tiling(x_BHWC, win, st, pads):
-        return jnp.max(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
+        return _tiled_max(x_BHWC, win, out_hw)
     init = np.array(-np.inf, x_BHWC.dtype)  # a constant, so reduce_window has a VJP
     return lax.reduce_window(
         x_BHWC, init, lax.max, (1, *win, 1), (1, *st, 1), ((0, 0), *pads, (0, 0))
     )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _tiled_max(x_BHWC: Array, win: tuple[int, int], out_hw: tuple[int, int]) -> Array:
+    """Max over non-overlapping windows, with reduce_window's derivative (see `_tiled_max_jvp`)."""
+    return jnp.max(_tiles(x_BHWC, win, out_hw), axis=(2, 4))
+
+
+@_tiled_max.defjvp
+def _tiled_max_jvp(win, out_hw, primals, tangents):
+    """The derivative follows the first maximum of each window in row-major order.
+
+    That is `lax.reduce_window`'s (and PyTorch's) rule; jnp.max's own rule splits it among ties,
+    which costs XLA three passes over the input in the backward pass instead of one.
+    """
+    (x_BHWC,), (dx_BHWC,) = primals, tangents
+    t = _tiles(x_BHWC, win, out_hw)  # (B, Ho, kh, Wo, kw, C)
+    y = jnp.max(t, axis=(2, 4), keepdims=True)
+    pos = lax.broadcasted_iota(jnp.int32, t.shape, 2) * win[1] + lax.broadcasted_iota(
+        jnp.int32, t.shape, 4
+    )
+    first = jnp.min(jnp.where(t == y, pos, win[0] * win[1]), axis=(2, 4), keepdims=True)
+    dt = jnp.where(pos == first, _tiles(dx_BHWC, win, out_hw), jnp.zeros((), dx_BHWC.dtype))
+    return y[:, :, 0, :, 0, :], jnp.sum(dt, axis=(2, 4))
 
 
 def avg_pool(
@@ -350,31 +390,92 @@ def batch_norm(
         (c,),
         custom_message=f"batch_norm: scale, bias, mean and var must have shape ({c},)",
     )
-    axes = tuple(range(x_BHWC.ndim - 1))
-    if train:
-        if mask_B is None:
-            mean = jnp.mean(x_BHWC, axis=axes)
-            mean_sq = jnp.mean(jnp.square(x_BHWC), axis=axes)
-        else:
-            chex.assert_shape(
-                mask_B,
-                (x_BHWC.shape[0],),
-                custom_message=f"batch_norm: mask must have shape ({x_BHWC.shape[0]},)",
-            )
-            w = mask_B.astype(x_BHWC.dtype).reshape((-1,) + (1,) * (x_BHWC.ndim - 1))
-            count = jnp.maximum(jnp.sum(w) * (x_BHWC.size // x_BHWC.shape[0] // c), 1)
-            mean = jnp.sum(x_BHWC * w, axis=axes) / count
-            mean_sq = jnp.sum(jnp.square(x_BHWC) * w, axis=axes) / count
-        var = jnp.maximum(mean_sq - jnp.square(mean), 0)
-        m = jnp.asarray(momentum, x_BHWC.dtype)
-        new_mean = m * mean_C + (1 - m) * lax.stop_gradient(mean)
-        new_var = m * var_C + (1 - m) * lax.stop_gradient(var)
-    else:
-        mean, var, new_mean, new_var = mean_C, var_C, mean_C, var_C
-    inv = lax.rsqrt(var + jnp.asarray(eps, x_BHWC.dtype)) * scale_C
-    shape = (1,) * (x_BHWC.ndim - 1) + (c,)
-    y = x_BHWC * inv.reshape(shape) + (bias_C - mean * inv).reshape(shape)
+    if mask_B is not None:
+        chex.assert_shape(
+            mask_B,
+            (x_BHWC.shape[0],),
+            custom_message=f"batch_norm: mask must have shape ({x_BHWC.shape[0]},)",
+        )
+    if not train:
+        inv = lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype)) * scale_C
+        shape = (1,) * (x_BHWC.ndim - 1) + (c,)
+        y = x_BHWC * inv.reshape(shape) + (bias_C - mean_C * inv).reshape(shape)
+        return y, mean_C, var_C
+    y, mean, var = _batch_norm_train(x_BHWC, scale_C, bias_C, mask_B, float(eps))
+    m = jnp.asarray(momentum, x_BHWC.dtype)
+    new_mean = m * mean_C + (1 - m) * lax.stop_gradient(mean)
+    new_var = m * var_C + (1 - m) * lax.stop_gradient(var)
     return y, new_mean, new_var
+
+
+def _bn_weights(x: Array, mask_B: Array | None) -> tuple[Array | None, Array]:
+    """Per-row weights broadcastable to x (None: all rows count) and the number of counted values."""
+    per_row = x.size // x.shape[0] // x.shape[-1]
+    if mask_B is None:
+        return None, jnp.asarray(x.size // x.shape[-1], x.dtype)
+    w = mask_B.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return w, jnp.maximum(jnp.sum(w) * per_row, 1)
+
+
+def _per_channel(v_C: Array, x: Array) -> Array:
+    return v_C.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _bn_forward(x, scale_C, bias_C, mask_B, eps):
+    axes = tuple(range(x.ndim - 1))
+    w, count = _bn_weights(x, mask_B)
+    xw = x if w is None else x * w
+    mean = jnp.sum(xw, axis=axes) / count
+    var_raw = jnp.sum(xw * x, axis=axes) / count - jnp.square(mean)
+    var = jnp.maximum(var_raw, 0)
+    r = lax.rsqrt(var + jnp.asarray(eps, x.dtype))
+    inv = r * scale_C
+    y = x * _per_channel(inv, x) + _per_channel(bias_C - mean * inv, x)
+    return (y, mean, var), (x, scale_C, mask_B, mean, var_raw, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_norm_train(x, scale_C, bias_C, mask_B, eps):
+    """(y, batch mean, batch var) with a hand-written backward pass.
+
+    Autodiff of the same formulas makes XLA on CPU read the activations in several more passes;
+    `_batch_norm_train_bwd` reads them twice. Tests hold it to autodiff's gradients.
+    """
+    return _bn_forward(x, scale_C, bias_C, mask_B, eps)[0]
+
+
+def _batch_norm_train_bwd(eps, res, cotangents):
+    del eps
+    x, scale_C, mask_B, mean, var_raw, r = res
+    g, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    w, count = _bn_weights(x, mask_B)
+    inv = r * scale_C
+    d_bias = jnp.sum(g, axis=axes)
+    d_inv = jnp.sum(g * (x - _per_channel(mean, x)), axis=axes)  # y = x*inv + bias - mean*inv
+    d_scale = d_inv * r
+    d_var = g_var - 0.5 * (d_inv * scale_C) * r * r * r  # d rsqrt(v)/dv = -r^3 / 2
+    tie = jnp.where(var_raw == 0, 0.5, 0.0).astype(x.dtype)  # jnp.maximum's derivative at a tie
+    d_var_raw = d_var * jnp.where(var_raw > 0, 1.0, tie).astype(x.dtype)
+    d_mean = g_mean - inv * d_bias - 2 * mean * d_var_raw
+    d_x = g * _per_channel(inv, x) + (
+        _per_channel(d_mean / count, x) + x * _per_channel(2 * d_var_raw / count, x)
+    ) * (1 if w is None else w)
+    return d_x, d_scale, d_bias, _no_gradient(mask_B)
+
+
+def _no_gradient(a: Array | None):
+    """The zero cotangent of an input treated as data (float0 for integer and bool arrays)."""
+    if a is None:
+        return None
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+_batch_norm_train.defvjp(
+    lambda x, s, b, m, eps: _bn_forward(x, s, b, m, eps), _batch_norm_train_bwd
+)
 
 
 def _mix32(x: Array) -> Array:

@@ -132,7 +132,12 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 
 
 def init_state(model: nn.Module, tx, config, image_shape) -> TrainState:
-    """The initial state, built by one compiled function (op by op it takes seconds on CPU)."""
+    """The initial state, built by one compiled function (op by op it takes seconds on CPU).
+
+    Its random draws use threefry's non-partitionable mode: on CPU XLA compiles that in 0.8-1.2 s
+    instead of 1.9-2.7 s (fast99, tiny). The params are those `model.init` gives under
+    `jax.threefry_partitionable(False)`.
+    """
 
     @jax.jit
     def init(key):
@@ -147,7 +152,8 @@ def init_state(model: nn.Module, tx, config, image_shape) -> TrainState:
             key=state_key,
         )
 
-    return init(jax.random.PRNGKey(config.seed))
+    with jax.threefry_partitionable(False):
+        return init(jax.random.PRNGKey(config.seed))
 
 
 # ----------------------------------------------------------------------------- the step

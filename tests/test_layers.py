@@ -530,6 +530,29 @@ def test_tiling_pool_path_equals_reduce_window(x_shape, window, kind):
     assert_close(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6)
 
 
+def test_tiling_max_pool_derivative_follows_the_first_maximum():
+    """Ties (common after a ReLU) send the whole derivative to the first maximum, row-major,
+    as lax.reduce_window does (and PyTorch), in reverse and in forward mode."""
+    x = np.zeros((2, 6, 6, 3), np.float32)
+    x[0, 0, 1, 0] = 1.0  # one strict maximum in a window of zeros
+    x[1, 2:4, 2:4, 1] = 5.0  # a window of four equal values
+    x[1, 4, 5, 2] = x[1, 5, 4, 2] = 2.0  # two equal maxima: the one in the upper row wins
+
+    def ref(x):
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    g = _rand(14, (2, 3, 3, 3))
+    _, vjp = jax.vjp(lambda x: layers.max_pool(x, 2), x)
+    _, vjp_ref = jax.vjp(ref, x)
+    np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+    assert vjp(g)[0][1, 2, 2, 1] == g[1, 1, 1, 1] and vjp(g)[0][1, 3, 3, 1] == 0
+    assert vjp(g)[0][1, 4, 5, 2] == g[1, 2, 2, 2] and vjp(g)[0][1, 5, 4, 2] == 0
+    t = _rand(15, x.shape)
+    _, jvp_out = jax.jvp(lambda x: layers.max_pool(x, 2), (x,), (t,))
+    _, jvp_ref = jax.jvp(ref, (x,), (t,))
+    np.testing.assert_array_equal(jvp_out, jvp_ref)
+
+
 def test_global_avg_pool():
     x = _rand(0, (2, 5, 3, 4))
     y = layers.global_avg_pool(x)
@@ -635,6 +658,72 @@ def test_batch_norm_gradients_are_finite_and_shift_invariant():
     np.testing.assert_allclose(np.asarray(y)[..., 0], bias[0], atol=1e-3)
     assert np.all(np.asarray(var) >= 0)
     assert np.all(np.isfinite(jax.grad(loss)(xc, scale, bias, g)))
+
+
+def _bn_autodiff(x, scale, bias, mask, eps):
+    """The batch-norm formulas as plain jnp, for autodiff: (y, batch mean, batch var)."""
+    axes = tuple(range(x.ndim - 1))
+    c = x.shape[-1]
+    if mask is None:
+        w = jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+    else:
+        w = jnp.asarray(mask, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.maximum(jnp.sum(w) * (x.size // x.shape[0] // c), 1)
+    mean = jnp.sum(x * w, axis=axes) / count
+    var = jnp.maximum(jnp.sum(x * x * w, axis=axes) / count - mean * mean, 0)
+    inv = lax.rsqrt(var + eps) * scale
+    shape = (1,) * (x.ndim - 1) + (c,)
+    return x * inv.reshape(shape) + (bias - mean * inv).reshape(shape), mean, var
+
+
+@pytest.mark.parametrize(
+    "shape,mask",
+    [
+        ((4, 5, 6, 3), None),
+        ((5, 3, 2, 3), [1, 0, 1, 1, 0]),
+        ((16, 3), None),
+        ((5, 3), [0, 1, 1, 0, 1]),
+    ],
+    ids=str,
+)
+def test_batch_norm_backward_equals_autodiff(shape, mask):
+    x = _rand(11, shape, 2.0) + 0.5
+    x[..., 1] = 0.0  # a constant channel: zero variance, jnp.maximum's tie derivative
+    scale, bias, _, _ = _bn_params(shape[-1], seed=11)
+    mask = None if mask is None else np.asarray(mask, np.float32)
+    cts = tuple(_rand(12 + i, s) for i, s in enumerate((shape, shape[-1:], shape[-1:])))
+
+    def ours(x, scale, bias):
+        return layers._batch_norm_train(x, scale, bias, mask, 1e-5)
+
+    def ref(x, scale, bias):
+        return _bn_autodiff(x, scale, bias, mask, 1e-5)
+
+    out, vjp = jax.vjp(ours, x, scale, bias)
+    grads = vjp(cts)
+    with jax.enable_x64(True):  # float64 autodiff: float32's rounding would dominate at var 0
+        f64 = [np.asarray(a, np.float64) for a in (x, scale, bias)]
+        out_ref, vjp_ref = jax.vjp(ref, *f64)
+        grads_ref = vjp_ref(tuple(np.asarray(c, np.float64) for c in cts))
+    for a, b in zip(out, out_ref, strict=True):
+        assert_close(a, b, rtol=1e-5)
+    for name, a, b in zip(("x", "scale", "bias"), grads, grads_ref, strict=True):
+        assert_close(a, b, rtol=1e-4, err_msg=name)
+
+
+def test_batch_norm_mask_gets_no_gradient_and_may_be_bool():
+    x = _rand(13, (4, 2, 2, 3))
+    scale, bias, run_mean, run_var = _bn_params(3, seed=13)
+
+    def loss(x, mask):
+        y, _, _ = layers.batch_norm(x, scale, bias, run_mean, run_var, train=True, mask_B=mask)
+        return jnp.sum(y * y * y)
+
+    bool_mask = np.array([True, False, True, True])
+    g_bool = jax.grad(loss)(x, bool_mask)
+    g_mask = jax.grad(loss, argnums=1)(x, bool_mask.astype(np.float32))
+    assert_close(g_bool, jax.grad(loss)(x, bool_mask.astype(np.float32)))
+    np.testing.assert_array_equal(g_mask, 0.0)
 
 
 # ----------------------------------------------------------------------------- dropout
