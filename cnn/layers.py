@@ -409,7 +409,7 @@ def batch_norm(
 
 
 def _bn_weights(x: Array, mask_B: Array | None) -> tuple[Array | None, Array]:
-    """Per-row weights broadcastable to x (None: all rows count) and the number of counted values."""
+    """Row weights broadcastable to x (None: every row counts) and the number of counted values."""
     per_row = x.size // x.shape[0] // x.shape[-1]
     if mask_B is None:
         return None, jnp.asarray(x.size // x.shape[-1], x.dtype)
