@@ -2,8 +2,8 @@
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Measured: 33,338 params; score [0.0237, 0.9924]; wall 9.85 s (2-core Zen 3 CPU, BENCHMARKS.md;
-warm compilation cache; 14.6-17.6 s on the first run).
+Measured: 33,338 params; score [0.0260, 0.9919]; wall 12.3 s (2-core Zen 3 CPU, BENCHMARKS.md;
+empty compilation cache; 12.3-15.1 s on a first run, 9.5-11.0 s on later ones).
 """
 
 from configs import base
