@@ -248,14 +248,14 @@ def _conv_im2col(x, w, stride, pads, dilation, groups, out_hw):
         [lax.slice_in_dim(xp, j * dw, j * dw + (wo - 1) * sw + 1, sw, axis=2) for j in range(kw)],
         axis=3,
     )
-    patches = jnp.stack(
+    patches_BHWIJC = jnp.stack(
         [
             lax.slice_in_dim(cols_BHWJC, i * dh, i * dh + (ho - 1) * sh + 1, sh, axis=1)
             for i in range(kh)
         ],
         axis=3,
-    )  # (B, Ho, Wo, kh, kw, C)
-    patches = patches.reshape(*patches.shape[:3], kh * kw, x.shape[3])
+    )
+    patches = patches_BHWIJC.reshape(*patches_BHWIJC.shape[:3], kh * kw, x.shape[3])
     return _grouped_contract(patches, w.reshape(kh * kw, cg, o), groups)
 
 
@@ -320,14 +320,17 @@ def _tiled_max_jvp(win, out_hw, primals, tangents):
     which costs XLA three passes over the input in the backward pass instead of one.
     """
     (x_BHWC,), (dx_BHWC,) = primals, tangents
-    t = _tiles(x_BHWC, win, out_hw)  # (B, Ho, kh, Wo, kw, C)
-    y = jnp.max(t, axis=(2, 4), keepdims=True)
-    pos = lax.broadcasted_iota(jnp.int32, t.shape, 2) * win[1] + lax.broadcasted_iota(
-        jnp.int32, t.shape, 4
+    x_BHIWJC = _tiles(x_BHWC, win, out_hw)  # I, J: position in the window
+    y_BH1W1C = jnp.max(x_BHIWJC, axis=(2, 4), keepdims=True)
+    shape = x_BHIWJC.shape
+    pos = lax.broadcasted_iota(jnp.int32, shape, 2) * win[1] + lax.broadcasted_iota(
+        jnp.int32, shape, 4
     )
-    first = jnp.min(jnp.where(t == y, pos, win[0] * win[1]), axis=(2, 4), keepdims=True)
-    dt = jnp.where(pos == first, _tiles(dx_BHWC, win, out_hw), jnp.zeros((), dx_BHWC.dtype))
-    return y[:, :, 0, :, 0, :], jnp.sum(dt, axis=(2, 4))
+    at_max = jnp.where(x_BHIWJC == y_BH1W1C, pos, win[0] * win[1])
+    first = jnp.min(at_max, axis=(2, 4), keepdims=True)
+    dx_BHIWJC = _tiles(dx_BHWC, win, out_hw)
+    dy_BHIWJC = jnp.where(pos == first, dx_BHIWJC, jnp.zeros((), dx_BHWC.dtype))
+    return y_BH1W1C[:, :, 0, :, 0, :], jnp.sum(dy_BHIWJC, axis=(2, 4))
 
 
 def avg_pool(
