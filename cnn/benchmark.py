@@ -97,7 +97,7 @@ def _chunk_inputs(n: int, batch_size: int, chunk: int, n_chunks: int, seed: int)
 
 def _time_ours(config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int):
     """(seconds for the timed steps, timed steps, compile seconds, params) of our training path."""
-    chunk = max(1, min(config.steps_per_dispatch, steps))
+    chunk = train.dispatch_steps(config, steps)
     n_timed = -(-steps // chunk)
     n_warm = -(-warmup // chunk) if warmup else 0
     tx, _ = train.make_optimizer(config, steps_per_epoch=max(steps, 1))
@@ -161,7 +161,7 @@ def benchmark(
         "batch_size": config.batch_size,
         "steps": timed_steps,
         "warmup_steps": warmup,
-        "steps_per_dispatch": max(1, min(config.steps_per_dispatch, steps)),
+        "steps_per_dispatch": train.dispatch_steps(config, steps),
         "images_per_s": images_per_s,
         "seconds": seconds,
         "compile_s": compile_s,

@@ -400,10 +400,8 @@ def batch_norm(
             custom_message=f"batch_norm: mask must have shape ({x_BHWC.shape[0]},)",
         )
     if not train:
-        inv = lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype)) * scale_C
-        shape = (1,) * (x_BHWC.ndim - 1) + (c,)
-        y = x_BHWC * inv.reshape(shape) + (bias_C - mean_C * inv).reshape(shape)
-        return y, mean_C, var_C
+        r_C = lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype))
+        return _bn_apply(x_BHWC, mean_C, r_C, scale_C, bias_C), mean_C, var_C
     y, mean, var = _batch_norm_train(x_BHWC, scale_C, bias_C, mask_B, float(eps))
     m = jnp.asarray(momentum, x_BHWC.dtype)
     new_mean = m * mean_C + (1 - m) * lax.stop_gradient(mean)
@@ -413,15 +411,20 @@ def batch_norm(
 
 def _bn_weights(x: Array, mask_B: Array | None) -> tuple[Array | None, Array]:
     """Row weights broadcastable to x (None: every row counts) and the number of counted values."""
-    per_row = x.size // x.shape[0] // x.shape[-1]
     if mask_B is None:
         return None, jnp.asarray(x.size // x.shape[-1], x.dtype)
     w = mask_B.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-    return w, jnp.maximum(jnp.sum(w) * per_row, 1)
+    return w, jnp.maximum(jnp.sum(w) * (x.size // x.shape[0] // x.shape[-1]), 1)
 
 
 def _per_channel(v_C: Array, x: Array) -> Array:
     return v_C.reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def _bn_apply(x, mean_C, r_C, scale_C, bias_C):
+    """(x - mean) * r * scale + bias, as one multiply-add per value."""
+    inv = r_C * scale_C
+    return x * _per_channel(inv, x) + _per_channel(bias_C - mean_C * inv, x)
 
 
 def _bn_forward(x, scale_C, bias_C, mask_B, eps):
@@ -432,8 +435,7 @@ def _bn_forward(x, scale_C, bias_C, mask_B, eps):
     var_raw = jnp.sum(xw * x, axis=axes) / count - jnp.square(mean)
     var = jnp.maximum(var_raw, 0)
     r = lax.rsqrt(var + jnp.asarray(eps, x.dtype))
-    inv = r * scale_C
-    y = x * _per_channel(inv, x) + _per_channel(bias_C - mean * inv, x)
+    y = _bn_apply(x, mean, r, scale_C, bias_C)
     return (y, mean, var), (x, scale_C, mask_B, mean, var_raw, r)
 
 
@@ -476,9 +478,7 @@ def _no_gradient(a: Array | None):
     return np.zeros(a.shape, jax.dtypes.float0)
 
 
-_batch_norm_train.defvjp(
-    lambda x, s, b, m, eps: _bn_forward(x, s, b, m, eps), _batch_norm_train_bwd
-)
+_batch_norm_train.defvjp(_bn_forward, _batch_norm_train_bwd)
 
 
 def _mix32(x: Array) -> Array:

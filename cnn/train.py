@@ -215,6 +215,11 @@ def train_step(
     return new_state, metrics
 
 
+def dispatch_steps(config, total_steps: int) -> int:
+    """Training steps per device call: config.steps_per_dispatch, at most total_steps, >= 1."""
+    return max(1, min(config.steps_per_dispatch, total_steps))
+
+
 def assert_field_covers(model: nn.Module, input_shape) -> None:
     """Trace-time check that the last layer's receptive field covers the whole input."""
     try:
@@ -355,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx, schedule = make_optimizer(config, steps_per_epoch)
     state = init_state(train_model, tx, config, train_images.shape[1:])
     params = num_params(state.params)
-    chunk = max(1, min(config.steps_per_dispatch, steps_per_epoch))
+    chunk = dispatch_steps(config, steps_per_epoch)
     n_chunks = -(-steps_per_epoch // chunk)
 
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
