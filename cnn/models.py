@@ -75,11 +75,16 @@ def tiny(dropout: float = 0.0) -> Sequential:
 
 
 def fast99() -> Sequential:
-    """Quick to train: pool early, BN after every 3x3, GAP head; 99% after one epoch."""
+    """Quick to train: pool early, BN after every 3x3, GAP head; 99% after one epoch.
+
+    The first BN follows the pool: at 13x13 it costs a quarter of what it would at 26x26.
+    """
     return Sequential(
         [
-            *_block(16, 0.0),  # 26x26, r 3
+            Conv(16, 3, use_bias=False),  # 26x26, r 3
+            Activation("relu"),
             MaxPool(2),  # 13x13, r 4
+            BatchNorm(),
             *_block(32, 0.0),  # 11x11, r 8
             *_block(32, 0.0),  # 9x9, r 12
             MaxPool(2),  # 4x4, r 14

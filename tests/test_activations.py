@@ -90,6 +90,18 @@ def test_relu_family_at_zero():
         np.testing.assert_array_equal(activations.get(name)(z), 0.0)
 
 
+def test_relu_derivative_at_zero_is_zero_as_in_jax_nn_and_pytorch():
+    x = jnp.asarray([-1.0, 0.0, 0.0, 2.0])
+    g = jnp.asarray([3.0, 5.0, -7.0, 11.0])
+    expected = np.asarray([0.0, 0.0, 0.0, 11.0])
+    _, vjp = jax.vjp(activations.relu, x)
+    np.testing.assert_array_equal(vjp(g)[0], expected)
+    np.testing.assert_array_equal(jax.jvp(activations.relu, (x,), (g,))[1], expected)
+    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(jax.nn.relu, x)[1](g)[0])
+    x16 = x.astype(jnp.bfloat16)
+    assert jax.grad(lambda v: activations.relu(v).sum())(x16).dtype == jnp.bfloat16
+
+
 def test_leaky_relu_slope_and_elu_alpha():
     x = jnp.asarray(X)
     np.testing.assert_allclose(
