@@ -156,8 +156,9 @@ def conv2d(
     return y_BHWO
 
 
-# Measured on a 2-core Zen 3 (BENCHMARKS.md): XLA's CPU convolution backward pass is 2-4x slower
-# than im2col + matmul for small channel counts, and ~300x slower when the kernel covers the input.
+# Measured on the 2-core development CPU (BENCHMARKS.md): XLA's CPU convolution backward pass is
+# 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the kernel
+# covers the input.
 # Past a few dozen taps, im2col's compile time grows faster than its gain.
 _IM2COL_MAX_TAPS = 49
 

@@ -2,8 +2,8 @@
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Measured: 33,338 params; score [0.0260, 0.9919]; wall 12.3 s (2-core Zen 3 CPU, BENCHMARKS.md;
-empty compilation cache; 12.3-15.1 s on a first run, 9.5-11.0 s on later ones).
+Measured: 33,338 params; score [0.0260, 0.9921]; wall 12.6 s (2-core AMD EPYC Zen 5 CPU, BENCHMARKS.md;
+empty compilation cache; 11.0-12.6 s on first runs of seeds 0-2, 8.8-9.2 s on later ones).
 """
 
 from configs import base

@@ -17,7 +17,9 @@ _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same network i
 _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object on stdout.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Timed training steps (whole dispatch chunks).")
 _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
-_PEAK = flags.DEFINE_float("peak_gflops", benchmark.PEAK_GFLOPS, "Machine peak fp32 GFLOP/s.")
+_PEAK = flags.DEFINE_float(
+    "peak_gflops", None, "Machine peak fp32 GFLOP/s; default: measured by a large matmul."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -31,13 +33,14 @@ def _config_name(argv: list[str]) -> str:
 def _format(r: dict) -> str:
     lines = [
         f"config       {r['config']}",
-        f"device       {r['device']} ({r['platform']})",
+        f"device       {r['device']} ({r['platform']}; host CPU: {r['host_cpu'] or 'unknown'})",
         f"model        {r['model']}: {r['params']:,} params, {r['macs']:,} forward MACs/image",
         f"batch        {r['batch_size']}, {r['steps']} timed steps after {r['warmup_steps']}",
         f"compile      {r['compile_s']:.2f} s",
         f"throughput   {r['images_per_s']:,.0f} images/s",
         f"compute      {r['gflops']:.2f} GFLOP/s = {r['peak_fraction']:.1%} of "
-        f"{r['peak_gflops']:g} peak",
+        f"{r['peak_gflops']:.0f} peak ({r['peak_source']}), "
+        f"{r['nominal_peak_fraction']:.1%} of the nominal {r['nominal_peak_gflops']:g}",
         f"peak RSS     {r['peak_rss_mb']:.0f} MB",
     ]
     if r["peer"]:

@@ -91,6 +91,8 @@ def _check(result, peer):
     assert result["params"] == train.num_params(tiny_params) and result["macs"] > 0
     assert result["batch_size"] == 8 and result["steps"] == 4 and result["config"] == "tiny"
     assert result["device"] and result["platform"]
+    assert result["peak_fraction"] == result["gflops"] / result["peak_gflops"]
+    assert result["nominal_peak_fraction"] == result["gflops"] / benchmark.NOMINAL_PEAK_GFLOPS
     if peer:
         for key in ("peer_images_per_s", "ratio"):
             assert math.isfinite(result[key]) and result[key] > 0, key
@@ -103,6 +105,30 @@ def test_benchmark_numbers(peer):
     result = benchmark.benchmark(_small_config(), steps=3, warmup=1, peer=peer)
     _check(result, peer)
     assert set(benchmark.REQUIRED_KEYS) <= set(result)
+
+
+def test_peak_is_measured_unless_given():
+    measured = benchmark.benchmark(_small_config(), steps=2, warmup=0)
+    assert measured["peak_source"].startswith("measured")
+    assert measured["peak_gflops"] == measured["matmul_gflops"] > 0
+    given = benchmark.benchmark(_small_config(), steps=2, warmup=0, peak_gflops=400.0)
+    assert given["peak_source"] == "given" and given["peak_gflops"] == 400.0
+    assert given["matmul_gflops"] > 0
+    with pytest.raises(ValueError, match="peak_gflops must be > 0"):
+        benchmark.benchmark(_small_config(), steps=2, peak_gflops=0.0)
+
+
+def test_matmul_gflops_counts_two_flops_per_multiply_add(monkeypatch):
+    clock = iter(float(i) for i in range(100))  # every matmul "takes" exactly 1 s
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock))
+    assert benchmark.matmul_gflops(n=100, repeats=3) == 2 * 100**3 / 1e9
+
+
+def test_host_cpu_names_the_processor():
+    cpu = benchmark.host_cpu()
+    assert isinstance(cpu, str)
+    if sys.platform.startswith("linux"):
+        assert cpu, "no model name read from /proc/cpuinfo"
 
 
 def test_script_json():
