@@ -332,6 +332,16 @@ def test_auto_picks_the_specialised_lowering():
     ) == ("xla")
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_keeps_xla_convolutions_on_accelerators(backend):
+    valid = ((0, 0), (0, 0))
+    choose = layers.choose_conv_impl
+    assert choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), backend) == "dense"
+    assert choose((8, 8), (1, 1), (1, 1), valid, (1, 1), (8, 8), backend) == "pointwise"
+    assert choose((8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), backend) == "xla"
+    assert choose((8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), "cpu") == "im2col"
+
+
 def test_impl_that_does_not_apply_raises():
     x = jnp.ones((1, 6, 6, 2))
     with pytest.raises(ValueError, match=r"impl='pointwise' needs a 1x1 kernel, got \(3, 3\)"):
