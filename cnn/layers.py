@@ -167,7 +167,8 @@ def choose_conv_impl(in_hw, kernel, stride, pads, dilation, out_hw, backend=None
     """The fastest exact lowering for this geometry on `backend` (default: JAX's default).
 
     Full-cover and 1x1 kernels are matmuls on every backend. im2col works around XLA's CPU
-    convolution; GPUs (cuDNN) and TPUs keep XLA's own (not measured here: no GPU was lent).
+    convolution; GPUs (cuDNN) and TPUs keep XLA's own (untested on accelerators). The backend
+    is read when tracing: code placed on another device can pass conv2d(impl=...) instead.
     """
     del in_hw, stride, pads, dilation
     if out_hw == (1, 1):

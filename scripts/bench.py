@@ -20,6 +20,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compi
 _PEAK = flags.DEFINE_float(
     "peak_gflops", None, "Machine peak fp32 GFLOP/s; default: measured by a large matmul."
 )
+flags.register_validator(
+    "peak_gflops", lambda v: v is None or v > 0, message="--peak_gflops must be > 0"
+)
 flags.mark_flags_as_required(["config"])
 
 

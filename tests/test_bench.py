@@ -107,28 +107,28 @@ def test_benchmark_numbers(peer):
     assert set(benchmark.REQUIRED_KEYS) <= set(result)
 
 
-def test_peak_is_measured_unless_given():
+def test_peak_is_measured_unless_given(monkeypatch):
+    monkeypatch.setattr(benchmark, "matmul_gflops", lambda: 321.0)
     measured = benchmark.benchmark(_small_config(), steps=2, warmup=0)
     assert measured["peak_source"].startswith("measured")
-    assert measured["peak_gflops"] == measured["matmul_gflops"] > 0
+    assert measured["peak_gflops"] == measured["matmul_gflops"] == 321.0
+    assert measured["peak_fraction"] == measured["gflops"] / 321.0
     given = benchmark.benchmark(_small_config(), steps=2, warmup=0, peak_gflops=400.0)
     assert given["peak_source"] == "given" and given["peak_gflops"] == 400.0
-    assert given["matmul_gflops"] > 0
+    assert given["matmul_gflops"] == 321.0 and given["peak_fraction"] == given["gflops"] / 400.0
     with pytest.raises(ValueError, match="peak_gflops must be > 0"):
         benchmark.benchmark(_small_config(), steps=2, peak_gflops=0.0)
 
 
-def test_matmul_gflops_counts_two_flops_per_multiply_add(monkeypatch):
-    clock = iter(float(i) for i in range(100))  # every matmul "takes" exactly 1 s
-    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock))
-    assert benchmark.matmul_gflops(n=100, repeats=3) == 2 * 100**3 / 1e9
+def test_matmul_gflops_counts_two_flops_per_multiply_add():
+    ticks = iter([0.0, 2.0, 10.0, 11.0, 20.0, 23.0])  # the calls take 2 s, 1 s and 3 s
+    assert benchmark.matmul_gflops(n=100, repeats=3, clock=lambda: next(ticks)) == 2 * 100**3 / 1e9
+    assert benchmark.matmul_gflops(n=64, repeats=2) > 0
 
 
 def test_host_cpu_names_the_processor():
     cpu = benchmark.host_cpu()
-    assert isinstance(cpu, str)
-    if sys.platform.startswith("linux"):
-        assert cpu, "no model name read from /proc/cpuinfo"
+    assert isinstance(cpu, str) and cpu
 
 
 def test_script_json():
