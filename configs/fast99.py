@@ -2,8 +2,9 @@
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Measured: 33,338 params; score [0.0260, 0.9921]; wall 12.6 s (2-core AMD EPYC Zen 5 CPU, BENCHMARKS.md;
-empty compilation cache; 11.0-12.6 s on first runs of seeds 0-2, 8.8-9.2 s on later ones).
+Measured: 30,946 params; score [0.0275, 0.9917]; wall 12.4 s (2-core AMD EPYC Zen 5 CPU, BENCHMARKS.md;
+empty compilation cache; 12.4-15.8 s over 8 first runs of seeds 0-2 in a slow phase of the
+machine, 8.9-10.6 s on later runs).
 """
 
 from configs import base
