@@ -62,6 +62,10 @@ class TranslationError(ValueError):
     """A layer or setting with no exact PyTorch equivalent."""
 
 
+class ArgumentError(ValueError):
+    """A benchmark argument (peer, steps, warmup, peak) that cannot work."""
+
+
 # ----------------------------------------------------------------------------- measurements
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, in MB (Linux reports ru_maxrss in KiB)."""
@@ -188,11 +192,11 @@ def benchmark(
     includes ours.
     """
     if peer not in (None, "torch"):
-        raise ValueError(f"peer must be None or 'torch', got {peer!r}")
+        raise ArgumentError(f"peer must be None or 'torch', got {peer!r}")
     if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+        raise ArgumentError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     if peak_gflops is not None and not peak_gflops > 0:
-        raise ValueError(f"peak_gflops must be > 0 or None (measure it), got {peak_gflops!r}")
+        raise ArgumentError(f"peak_gflops must be > 0 or None (measure it), got {peak_gflops!r}")
     train.validate_config(config)
     model = train.logits_model(models.get(config.model))
     macs = forward_macs(model)

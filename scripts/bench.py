@@ -20,9 +20,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compi
 _PEAK = flags.DEFINE_float(
     "peak_gflops", None, "Machine peak fp32 GFLOP/s; default: measured by a large matmul."
 )
-flags.register_validator(
-    "peak_gflops", lambda v: v is None or v > 0, message="--peak_gflops must be > 0"
-)
 flags.mark_flags_as_required(["config"])
 
 
@@ -67,7 +64,7 @@ def main(argv):
             peak_gflops=_PEAK.value,
             config_name=_config_name(sys.argv[1:]),
         )
-    except (*train.USER_ERRORS, benchmark.TranslationError) as e:
+    except (*train.USER_ERRORS, benchmark.TranslationError, benchmark.ArgumentError) as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result) if _JSON.value else _format(result))
 

@@ -116,7 +116,7 @@ def test_peak_is_measured_unless_given(monkeypatch):
     given = benchmark.benchmark(_small_config(), steps=2, warmup=0, peak_gflops=400.0)
     assert given["peak_source"] == "given" and given["peak_gflops"] == 400.0
     assert given["matmul_gflops"] == 321.0 and given["peak_fraction"] == given["gflops"] / 400.0
-    with pytest.raises(ValueError, match="peak_gflops must be > 0"):
+    with pytest.raises(benchmark.ArgumentError, match="peak_gflops must be > 0"):
         benchmark.benchmark(_small_config(), steps=2, peak_gflops=0.0)
 
 
@@ -129,6 +129,22 @@ def test_matmul_gflops_counts_two_flops_per_multiply_add():
 def test_host_cpu_names_the_processor():
     cpu = benchmark.host_cpu()
     assert isinstance(cpu, str) and cpu
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [("--steps=0", "need steps >= 1"), ("--peak_gflops=-1", "peak_gflops must be > 0")],
+)
+def test_script_bad_arguments_are_one_line_errors(flag, message):
+    cmd = [
+        sys.executable,
+        str(_REPO / "scripts" / "bench.py"),
+        f"--config={_REPO / 'configs' / 'tiny.py'}",
+        flag,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"error: {message}" in out.stderr
 
 
 def test_script_json():
