@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn import augment, model_summary, models, train
+from cnn import augment, layers, model_summary, models, train
 from cnn.geometry import pair, resolve_padding
 from cnn.nn import (
     Activation,
@@ -118,6 +118,70 @@ def matmul_gflops(n: int | None = None, repeats: int = 10, clock=time.perf_count
         matmul(a_NN, b_NN).block_until_ready()
         best = min(best, clock() - t)
     return 2 * n**3 / best / 1e9
+
+
+def time_conv_impls(
+    x_shape_BHWC: tuple[int, ...],
+    w_shape_HWIO: tuple[int, ...],
+    *,
+    padding: Any = "VALID",
+    impls: tuple[str, ...] | None = None,
+    input_grad: bool = True,
+    steps: int = 8,
+    repeats: int = 5,
+    clock=time.perf_counter,
+) -> dict[str, float]:
+    """Milliseconds per forward + backward of `layers.conv2d` under each lowering.
+
+    Timed as training runs it: `steps` gradient steps in one jitted `lax.scan`, best of
+    `repeats` after a warm-up call. input_grad=False leaves out the input gradient (a network's
+    first layer). impls: default every lowering that applies to the geometry.
+    """
+    if steps < 1 or repeats < 1:
+        raise ArgumentError(f"need steps >= 1 and repeats >= 1, got {steps} and {repeats}")
+    k_x, k_w, k_g = jax.random.split(jax.random.PRNGKey(0), 3)
+    x_BHWC = jax.random.normal(k_x, tuple(x_shape_BHWC), jnp.float32)
+    w_HWIO = 0.1 * jax.random.normal(k_w, tuple(w_shape_HWIO), jnp.float32)
+    try:  # the geometry itself, with the lowering that takes every one
+        jax.eval_shape(
+            lambda x, w: layers.conv2d(x, w, padding=padding, impl="xla"), x_BHWC, w_HWIO
+        )
+    except (ValueError, AssertionError) as e:
+        raise ArgumentError(str(e)) from None
+    applicable = {}
+    for impl in impls or layers.CONV_IMPLS:
+        try:
+            applicable[impl] = jax.eval_shape(
+                lambda x, w, impl=impl: layers.conv2d(x, w, padding=padding, impl=impl),
+                x_BHWC,
+                w_HWIO,
+            )
+        except ValueError as e:
+            if impls:  # asked for by name: say why it cannot run
+                raise ArgumentError(str(e)) from None
+    times = {}
+    for impl, y_spec in applicable.items():
+        g_BHWO = jax.random.normal(k_g, y_spec.shape, jnp.float32)
+
+        def loss(x, w, impl=impl, g_BHWO=g_BHWO):
+            return jnp.vdot(layers.conv2d(x, w, padding=padding, impl=impl), g_BHWO)
+
+        def body(xw, _, loss=loss):
+            x, w = xw
+            if input_grad:
+                dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+                return (x - 1e-6 * dx, w - 1e-6 * dw), None
+            return (x, w - 1e-6 * jax.grad(loss, argnums=1)(x, w)), None
+
+        run = jax.jit(lambda xw, body=body: jax.lax.scan(body, xw, None, length=steps)[0])
+        jax.block_until_ready(run((x_BHWC, w_HWIO)))
+        best = math.inf
+        for _ in range(repeats):
+            t = clock()
+            jax.block_until_ready(run((x_BHWC, w_HWIO)))
+            best = min(best, clock() - t)
+        times[impl] = best / steps * 1e3
+    return times
 
 
 def synthetic_mnist(n: int = SYNTHETIC_EXAMPLES, seed: int = 0):

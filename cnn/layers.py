@@ -3,9 +3,9 @@
 Every layer checks its shapes with chex at trace time, and has an analytic shape function
 (`conv2d_shape`, `pool_shape`) that tests hold against what the layer returns.
 
-`conv2d` owns several exact lowerings of the same convolution (see `CONV_IMPLS`); "auto" picks the
-one that XLA runs fastest. Tests prove each equal to `lax.conv_general_dilated`, values and
-gradients.
+`conv2d` owns several exact lowerings of the same convolution (see `CONV_IMPLS`); "auto" picks one
+by geometry and backend, and a layer may name another. Tests prove each equal to
+`lax.conv_general_dilated`, values and gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cnn.geometry import PaddingLike, Pads, effective_kernel, output_hw, pair, r
 Array = jax.Array
 Shape = tuple[int, ...]
 
-CONV_IMPLS = ("auto", "xla", "dense", "pointwise", "im2col")
+CONV_IMPLS = ("auto", "xla", "dense", "pointwise", "im2col", "direct")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -129,7 +129,8 @@ def conv2d(
     """2-D convolution (cross-correlation, as in every framework) of NHWC x with HWIO w.
 
     padding: "VALID", "SAME", an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
-    impl: "auto", or one lowering from CONV_IMPLS; all give the same result.
+    impl: "auto", or one lowering from CONV_IMPLS; all give the same result ("direct" needs
+    stride 1 and groups 1).
     """
     st, dil = pair(stride, "stride"), pair(dilation, "dilation")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
@@ -145,6 +146,10 @@ def conv2d(
         raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}") from None
     if impl == "pointwise" and kernel != (1, 1):
         raise ValueError(f"conv2d: impl='pointwise' needs a 1x1 kernel, got {kernel}")
+    if impl == "direct" and (st != (1, 1) or groups != 1):
+        raise ValueError(
+            f"conv2d: impl='direct' needs stride 1 and groups=1, got stride {st}, groups={groups}"
+        )
     if impl == "dense" and out_hw != (1, 1):
         raise ValueError(
             f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
@@ -158,7 +163,10 @@ def conv2d(
 
 # Measured on the 2-core development CPU (BENCHMARKS.md): XLA's CPU convolution backward pass is
 # 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the kernel
-# covers the input.
+# covers the input. Most of that is autodiff's transposed dimension labels, which send XLA to a
+# generic loop nest inside the training scan; impl="direct" avoids them and wins on layers with
+# large im2col patches (tiny's 24x24 one), but lost to im2col on the other nets' layers, so
+# "auto" does not pick it: a model names it per layer.
 # Past a few dozen taps, im2col's compile time grows faster than its gain.
 _IM2COL_MAX_TAPS = 49
 
@@ -266,11 +274,60 @@ def _conv_im2col(x, w, stride, pads, dilation, groups, out_hw):
     return _grouped_contract(patches, w.reshape(kh * kw, cg, o), groups)
 
 
+def _canonical_conv(lhs, rhs, pads: Pads, window_strides=(1, 1), rhs_dilation=(1, 1)) -> Array:
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        pads,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _direct(x_BHWC: Array, w_HWIO: Array, pads: Pads, dilation: tuple[int, int]) -> Array:
+    return _canonical_conv(x_BHWC, w_HWIO, pads, rhs_dilation=dilation)
+
+
+def _direct_fwd(x_BHWC, w_HWIO, pads, dilation):
+    return _direct(x_BHWC, w_HWIO, pads, dilation), (x_BHWC, w_HWIO)
+
+
+def _direct_bwd(pads, dilation, res, g_BHWO):
+    """Both gradients as NHWC/HWIO convolutions, the one form XLA's CPU runtime runs fast.
+
+    (Autodiff's transposed convolutions swap dimension labels; inside a loop XLA on CPU then
+    falls back to a slow generic loop nest.)
+    """
+    x_BHWC, w_HWIO = res
+    span = [d * (k - 1) for d, k in zip(dilation, w_HWIO.shape[:2], strict=True)]
+    full = tuple((s - lo, s - hi) for s, (lo, hi) in zip(span, pads, strict=True))
+    w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
+    dx_BHWC = _canonical_conv(g_BHWO, w_flip_HWOI, full, rhs_dilation=dilation)
+    # Channels as the batch, the batch as the features: the kernel gradient is a convolution of
+    # the input by the output gradient, striding by the dilation.
+    dw_CHWO = _canonical_conv(
+        x_BHWC.transpose(3, 1, 2, 0), g_BHWO.transpose(1, 2, 0, 3), pads, window_strides=dilation
+    )
+    return dx_BHWC, dw_CHWO.transpose(1, 2, 0, 3)
+
+
+_direct.defvjp(_direct_fwd, _direct_bwd)
+
+
+def _conv_direct(x, w, stride, pads, dilation, groups, out_hw):
+    """XLA's convolution with a hand-written backward pass (stride 1, groups 1)."""
+    del stride, groups, out_hw
+    return _direct(x, w, pads, dilation)
+
+
 _LOWERINGS: dict[str, Callable[..., Array]] = {
     "xla": _conv_xla,
     "dense": _conv_dense,
     "pointwise": _conv_pointwise,
     "im2col": _conv_im2col,
+    "direct": _conv_direct,
 }
 
 

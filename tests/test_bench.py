@@ -164,3 +164,45 @@ def test_script_json():
     for key in benchmark.REQUIRED_KEYS:
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["config"].endswith("tiny.py --config.batch_size=8 --config.steps_per_dispatch=2")
+
+
+def test_time_conv_impls_times_each_applicable_lowering():
+    ticks = iter(float(t) for t in range(100))  # every timed call takes 1 s: the best is 1 s too
+    times = benchmark.time_conv_impls(
+        (2, 6, 6, 3), (3, 3, 3, 4), padding=1, steps=4, repeats=2, clock=lambda: next(ticks)
+    )
+    assert set(times) == {"auto", "xla", "im2col", "direct"}  # not dense, not pointwise
+    assert all(ms == 1000.0 / 4 for ms in times.values())
+    first_layer = benchmark.time_conv_impls(
+        (2, 5, 5, 1), (5, 5, 1, 2), impls=("dense",), input_grad=False, repeats=1
+    )
+    assert list(first_layer) == ["dense"] and first_layer["dense"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"impls": ("pointwise",)}, "impl='pointwise' needs a 1x1 kernel"),
+        ({"padding": "FULL"}, "padding string must be 'VALID' or 'SAME'"),
+        ({"steps": 0}, "need steps >= 1"),
+    ],
+)
+def test_time_conv_impls_bad_arguments(kwargs, message):
+    with pytest.raises(benchmark.ArgumentError, match=message):
+        benchmark.time_conv_impls((2, 6, 6, 3), (3, 3, 3, 4), **kwargs)
+    with pytest.raises(benchmark.ArgumentError, match="input channels"):
+        benchmark.time_conv_impls((2, 6, 6, 3), (3, 3, 2, 4))
+
+
+def test_conv_script_json_and_errors():
+    script = str(_REPO / "scripts" / "bench_conv.py")
+    cmd = [sys.executable, script, "--x=2,6,6,3", "--w=3,3,3,4", "--impls=im2col,direct"]
+    out = subprocess.run(
+        [*cmd, "--json", "--repeats=1"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result["ms_per_step"]) == {"im2col", "direct"} and result["w"] == [3, 3, 3, 4]
+    bad = subprocess.run([*cmd[:2], "--x=2,6,6", "--w=3,3,3,4"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "error: --x needs four positive integers" in bad.stderr

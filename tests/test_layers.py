@@ -171,8 +171,10 @@ def _conv_inputs(kernel, groups, seed=0, x_shape=X_SHAPE, out_ch=8):
     return x, w, b
 
 
-def _applicable_impls(kernel, out_hw):
+def _applicable_impls(kernel, out_hw, stride=1, groups=1):
     impls = ["auto", "xla", "im2col"]
+    if _pair(stride) == (1, 1) and groups == 1:
+        impls.append("direct")
     if tuple(kernel) == (1, 1):
         impls.append("pointwise")
     if tuple(out_hw) == (1, 1):
@@ -257,8 +259,53 @@ def test_every_applicable_impl_equals_lax(combo):
         X_SHAPE, w.shape, stride=stride, padding=padding, dilation=dilation
     )[1:3]
     _check_impls_equal_lax(
-        x, w, b, stride, padding, dilation, groups, _applicable_impls(kernel, out_hw)
+        x,
+        w,
+        b,
+        stride,
+        padding,
+        dilation,
+        groups,
+        _applicable_impls(kernel, out_hw, stride, groups),
     )
+
+
+DIRECT_GRID = [c for c in FULL_GRID if c[1] == 1 and c[4] == 1]
+
+
+@pytest.mark.parametrize("combo", DIRECT_GRID, ids=_grid_id)
+def test_direct_impl_equals_lax(combo):
+    """Every kernel, padding (also wider than the kernel) and dilation the grid has at stride 1."""
+    kernel, stride, padding, dilation, groups = combo
+    x, w, b = _conv_inputs(kernel, groups, seed=11)
+    _check_impls_equal_lax(x, w, b, stride, padding, dilation, groups, ["direct"])
+
+
+def test_direct_grid_has_wide_padding_and_dilation():
+    assert len(DIRECT_GRID) >= 30
+    wide = [c for c in DIRECT_GRID if c[0] == (2, 2) and c[2] == ((1, 2), (0, 1))]
+    assert wide and {c[3] for c in DIRECT_GRID} == {1, 2}
+
+
+def test_direct_backward_uses_only_nhwc_hwio_convolutions():
+    """The point of impl='direct': no transposed dimension labels, even inside a scan."""
+    x, w, _ = _conv_inputs((3, 3), 1)
+
+    def loss(x, w):
+        return jnp.sum(layers.conv2d(x, w, padding=1, dilation=2, impl="direct") ** 2)
+
+    def body(xw, _):
+        dx, dw = jax.grad(loss, argnums=(0, 1))(*xw)
+        return (xw[0] - 0.1 * dx, xw[1] - 0.1 * dw), None
+
+    text = str(jax.make_jaxpr(lambda xw: jax.lax.scan(body, xw, None, length=2))((x, w)))
+    specs = re.findall(
+        r"conv_general_dilated\[[^\]]*?dimension_numbers=(ConvDimensionNumbers\((?:[^()]|\([^)]*\))*\))",
+        text,
+    )
+    canonical = str(lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+    assert len(specs) == 3, specs  # forward, input gradient, kernel gradient
+    assert all(spec == canonical for spec in specs), specs
 
 
 DENSE_CASES = [
@@ -337,6 +384,10 @@ def test_auto_keeps_xla_convolutions_on_accelerators(backend):
 
 def test_impl_that_does_not_apply_raises():
     x = jnp.ones((1, 6, 6, 2))
+    with pytest.raises(ValueError, match=r"impl='direct' needs stride 1 and groups=1"):
+        layers.conv2d(x, jnp.ones((3, 3, 2, 4)), stride=2, impl="direct")
+    with pytest.raises(ValueError, match=r"impl='direct' needs stride 1 and groups=1"):
+        layers.conv2d(x, jnp.ones((3, 3, 1, 4)), groups=2, impl="direct")
     with pytest.raises(ValueError, match=r"impl='pointwise' needs a 1x1 kernel, got \(3, 3\)"):
         layers.conv2d(x, jnp.ones((3, 3, 2, 4)), impl="pointwise")
     with pytest.raises(ValueError, match=r"impl='dense' needs .*1x1 output.*\(4, 4\)"):
@@ -350,7 +401,7 @@ def test_unknown_impl_raises_naming_the_valid_ones():
         layers.conv2d(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)), impl="fft")
     for impl in layers.CONV_IMPLS:
         assert impl in str(info.value)
-    assert set(layers.CONV_IMPLS) == {"auto", "xla", "dense", "pointwise", "im2col"}
+    assert set(layers.CONV_IMPLS) == {"auto", "xla", "dense", "pointwise", "im2col", "direct"}
 
 
 def test_conv2d_without_bias_and_unbatched_padding_forms():
@@ -376,7 +427,9 @@ def test_conv2d_shape_matches_conv2d_over_full_grid():
             X_SHAPE, w.shape, stride=stride, padding=padding, dilation=dilation
         )
         # im2col's shapes are checked by the value tests; tracing it 400 times is slow
-        impls = [i for i in _applicable_impls(kernel, predicted[1:3]) if i != "im2col"]
+        impls = [
+            i for i in _applicable_impls(kernel, predicted[1:3], stride, groups) if i != "im2col"
+        ]
         for impl in impls:
             got = jax.eval_shape(
                 lambda x, w, impl=impl, s=stride, p=padding, d=dilation, g=groups: layers.conv2d(
