@@ -129,8 +129,8 @@ def conv2d(
     """2-D convolution (cross-correlation, as in every framework) of NHWC x with HWIO w.
 
     padding: "VALID", "SAME", an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
-    impl: "auto", or one lowering from CONV_IMPLS; all give the same result ("direct" needs
-    stride 1 and groups 1).
+    impl: "auto", or one lowering from CONV_IMPLS; all give the same result. "direct" needs
+    stride 1 and groups 1, and is reverse-mode only (its custom VJP: no jax.jvp / jacfwd).
     """
     st, dil = pair(stride, "stride"), pair(dilation, "dilation")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
@@ -163,10 +163,10 @@ def conv2d(
 
 # Measured on the 2-core development CPU (BENCHMARKS.md): XLA's CPU convolution backward pass is
 # 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the kernel
-# covers the input. Most of that is autodiff's transposed dimension labels, which send XLA to a
-# generic loop nest inside the training scan; impl="direct" avoids them and wins on layers with
-# large im2col patches (tiny's 24x24 one), but lost to im2col on the other nets' layers, so
-# "auto" does not pick it: a model names it per layer.
+# covers the input. For 3x3 kernels, autodiff's transposed dimension labels are the cause: inside
+# the training scan XLA runs those convolutions as a generic loop nest (tiny's 24x24 layer: 79 ms
+# against 4.4 ms). impl="direct" avoids them and wins on layers with large im2col patches (tiny's
+# 24x24 one), but lost to im2col in the other nets, so "auto" does not pick it: a model names it.
 # Past a few dozen taps, im2col's compile time grows faster than its gain.
 _IM2COL_MAX_TAPS = 49
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
+
 from cnn.nn import Activation, BatchNorm, Conv, Dropout, Flatten, GlobalAvgPool, MaxPool, Sequential
 
 
@@ -52,18 +54,24 @@ def _block(features: int, dropout: float, padding: int = 0, impl: str = "auto") 
     return layers + ([Dropout(dropout)] if dropout else [])
 
 
+def _cpu_direct() -> str:
+    """impl="direct" where it was measured faster (CPU); elsewhere XLA's choice ("auto")."""
+    return "direct" if jax.default_backend() == "cpu" else "auto"
+
+
 def tiny(dropout: float = 0.0) -> Sequential:
     """Under 8k parameters (7,746): BN, a GAP head; field covers the 28x28 input.
 
     No dropout by default: measured on an earlier, narrower version, dropout 0.05 cost
     accuracy (BENCHMARKS.md). The 1x1 after the pool keeps 10 channels (8 made one seed of
-    three miss 99.4%). Its 24x24 layer, the costliest, uses conv2d(impl="direct"): measured
-    faster there than im2col (whose patches are 21 MB per batch), slower in the other nets.
+    three miss 99.4%). On CPU its 24x24 layer, the costliest, uses conv2d(impl="direct"):
+    measured faster there than im2col (whose patches are 21 MB per batch), slower in the other
+    nets; not measured on accelerators, which keep "auto".
     """
     return Sequential(
         [
             *_block(8, dropout),  # 26x26, r 3
-            *_block(16, dropout, impl="direct"),  # 24x24, r 5
+            *_block(16, dropout, impl=_cpu_direct()),  # 24x24, r 5
             MaxPool(2),  # 12x12, r 6
             Conv(10, 1, use_bias=False),
             *_block(16, dropout),  # 10x10, r 10

@@ -190,6 +190,9 @@ def test_time_conv_impls_times_each_applicable_lowering():
 def test_time_conv_impls_bad_arguments(kwargs, message):
     with pytest.raises(benchmark.ArgumentError, match=message):
         benchmark.time_conv_impls((2, 6, 6, 3), (3, 3, 3, 4), **kwargs)
+
+
+def test_time_conv_impls_bad_shapes():
     with pytest.raises(benchmark.ArgumentError, match="input channels"):
         benchmark.time_conv_impls((2, 6, 6, 3), (3, 3, 2, 4))
 
@@ -203,6 +206,8 @@ def test_conv_script_json_and_errors():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert set(result["ms_per_step"]) == {"im2col", "direct"} and result["w"] == [3, 3, 3, 4]
-    bad = subprocess.run([*cmd[:2], "--x=2,6,6", "--w=3,3,3,4"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*cmd[:2], "--x=2,6,6", "--w=3,3,3,4"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "error: --x needs four positive integers" in bad.stderr

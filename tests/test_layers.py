@@ -306,6 +306,16 @@ def test_direct_backward_uses_only_nhwc_hwio_convolutions():
     canonical = str(lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
     assert len(specs) == 3, specs  # forward, input gradient, kernel gradient
     assert all(spec == canonical for spec in specs), specs
+    # And XLA keeps them so: every convolution it compiles is NHWC/HWIO -> NHWC.
+    hlo = jax.jit(lambda xw: jax.lax.scan(body, xw, None, length=2)[0]).lower((x, w))
+    labels = re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", hlo.compile().as_text())
+    assert labels and set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_direct_is_reverse_mode_only():
+    x, w, _ = _conv_inputs((3, 3), 1)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda w: layers.conv2d(x, w, impl="direct"), (w,), (w,))
 
 
 DENSE_CASES = [
