@@ -25,6 +25,7 @@ import pathlib
 import platform
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -111,13 +112,18 @@ def matmul_gflops(n: int | None = None, repeats: int = 10, clock=time.perf_count
     a_NN = jax.random.normal(key_a, (n, n), jnp.float32)
     b_NN = jax.random.normal(key_b, (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
-    matmul(a_NN, b_NN).block_until_ready()
+    return 2 * n**3 / _best_seconds(lambda: matmul(a_NN, b_NN), repeats, clock) / 1e9
+
+
+def _best_seconds(run: Callable[[], Any], repeats: int, clock) -> float:
+    """Fastest of `repeats` timed calls of `run`, after one untimed call (compile, warm-up)."""
+    jax.block_until_ready(run())
     best = math.inf
     for _ in range(repeats):
         t = clock()
-        matmul(a_NN, b_NN).block_until_ready()
+        jax.block_until_ready(run())
         best = min(best, clock() - t)
-    return 2 * n**3 / best / 1e9
+    return best
 
 
 def time_conv_impls(
@@ -174,12 +180,7 @@ def time_conv_impls(
             return (x, w - 1e-6 * jax.grad(loss, argnums=1)(x, w)), None
 
         run = jax.jit(lambda xw, body=body: jax.lax.scan(body, xw, None, length=steps)[0])
-        jax.block_until_ready(run((x_BHWC, w_HWIO)))
-        best = math.inf
-        for _ in range(repeats):
-            t = clock()
-            jax.block_until_ready(run((x_BHWC, w_HWIO)))
-            best = min(best, clock() - t)
+        best = _best_seconds(lambda run=run: run((x_BHWC, w_HWIO)), repeats, clock)
         times[impl] = best / steps * 1e3
     return times
 

@@ -291,7 +291,8 @@ def _direct(x_BHWC: Array, w_HWIO: Array, pads: Pads, dilation: tuple[int, int])
 
 
 def _direct_fwd(x_BHWC, w_HWIO, pads, dilation):
-    return _direct(x_BHWC, w_HWIO, pads, dilation), (x_BHWC, w_HWIO)
+    y_BHWO = _canonical_conv(x_BHWC, w_HWIO, pads, rhs_dilation=dilation)
+    return y_BHWO, (x_BHWC, w_HWIO)
 
 
 def _direct_bwd(pads, dilation, res, g_BHWO):
