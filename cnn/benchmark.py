@@ -51,6 +51,8 @@ from cnn.nn import (
 # 2 FLOPs x ~2.45 GHz. Reported beside the measured peak so older figures stay comparable; the
 # development machine turned out to be a 2-core Zen 5 with AVX-512, where XLA's fp32 matmul
 # alone runs at 385-473 GFLOP/s (BENCHMARKS.md).
+Array = jax.Array
+
 NOMINAL_PEAK_GFLOPS = 157.0
 MATMUL_N = 2048
 IMAGE_SHAPE_HWC = (28, 28, 1)  # MNIST
@@ -167,10 +169,7 @@ def time_conv_impls(
                 raise ArgumentError(str(e)) from None
     times = {}
     for impl, y_spec in applicable.items():
-        g_BHWO = jax.random.normal(k_g, y_spec.shape, jnp.float32)
-
-        def loss(x, w, impl=impl, g_BHWO=g_BHWO):
-            return jnp.vdot(layers.conv2d(x, w, padding=padding, impl=impl), g_BHWO)
+        loss = conv_loss(impl, padding, jax.random.normal(k_g, y_spec.shape, jnp.float32))
 
         def body(xw, _, loss=loss):
             x, w = xw
@@ -183,6 +182,20 @@ def time_conv_impls(
         best = _best_seconds(lambda run=run: run((x_BHWC, w_HWIO)), repeats, clock)
         times[impl] = best / steps * 1e3
     return times
+
+
+def conv_loss(impl: str, padding: Any, target_BHWO: Array) -> Callable[[Array, Array], Array]:
+    """Squared error of `conv2d` against a target: its gradients depend on both x and w.
+
+    (A loss linear in the output has a kernel gradient that does not depend on w; with the
+    input fixed, XLA hoists it out of the timed scan and the step times nothing.)
+    """
+
+    def loss(x_BHWC, w_HWIO):
+        y_BHWO = layers.conv2d(x_BHWC, w_HWIO, padding=padding, impl=impl)
+        return 0.5 * jnp.sum(jnp.square(y_BHWO - target_BHWO))
+
+    return loss
 
 
 def synthetic_mnist(n: int = SYNTHETIC_EXAMPLES, seed: int = 0):

@@ -179,6 +179,19 @@ def test_time_conv_impls_times_each_applicable_lowering():
     assert list(first_layer) == ["dense"] and first_layer["dense"] > 0
 
 
+def test_timed_conv_loss_gradients_depend_on_the_kernel():
+    # A kernel gradient that does not depend on w is loop-invariant in the timed scan when the
+    # input is fixed (input_grad=False): XLA hoists it and the "step" times nothing.
+    k_x, k_w, k_t = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(k_x, (2, 6, 6, 1))
+    w = jax.random.normal(k_w, (3, 3, 1, 4))
+    loss = benchmark.conv_loss("im2col", "VALID", jax.random.normal(k_t, (2, 4, 4, 4)))
+    dw_at = jax.grad(loss, argnums=1)
+    assert not np.allclose(dw_at(x, w), dw_at(x, 2 * w))
+    dx_at = jax.grad(loss, argnums=0)
+    assert not np.allclose(dx_at(x, w), dx_at(2 * x, w))
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
