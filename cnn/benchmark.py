@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn import augment, layers, model_summary, models, train
+from cnn import augment, layers, model_summary, models, step_profile, train
 from cnn.geometry import pair, resolve_padding
 from cnn.nn import (
     Activation,
@@ -223,8 +223,13 @@ def _chunk_inputs(n: int, batch_size: int, chunk: int, n_chunks: int, seed: int)
     return out
 
 
-def _time_ours(config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int):
-    """(seconds for the timed steps, timed steps, compile seconds, params) of our training path."""
+def _time_ours(
+    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, profile: bool
+):
+    """(seconds for the timed steps, timed steps, compile seconds, params, profile or None).
+
+    profile=True then runs one more chunk under the profiler (`cnn.step_profile`).
+    """
     chunk = train.dispatch_steps(config, steps)
     n_timed = -(-steps // chunk)
     n_warm = -(-warmup // chunk) if warmup else 0
@@ -232,7 +237,8 @@ def _time_ours(config, model: Sequential, images_NHWC, labels_N, steps: int, war
     state = train.init_state(model, tx, config, images_NHWC.shape[1:])
     params = train.num_params(state.params)
     data = jax.device_put((images_NHWC, labels_N))
-    chunks = _chunk_inputs(len(labels_N), config.batch_size, chunk, n_warm + n_timed, config.seed)
+    n_chunks = n_warm + n_timed + int(profile)
+    chunks = _chunk_inputs(len(labels_N), config.batch_size, chunk, n_chunks, config.seed)
 
     t = time.perf_counter()
     compiled = train.make_train_steps(model, tx, config).lower(state, *data, *chunks[0]).compile()
@@ -242,14 +248,24 @@ def _time_ours(config, model: Sequential, images_NHWC, labels_N, steps: int, war
         state, metrics = compiled(state, *data, *chunk_args)
     jax.block_until_ready((state, metrics) if n_warm else state)
     t = time.perf_counter()
-    for chunk_args in chunks[n_warm:]:
+    for chunk_args in chunks[n_warm : n_warm + n_timed]:
         state, metrics = compiled(state, *data, *chunk_args)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - t
+    step_profile_ = None
+    if profile:
+        shapes = model.output_shapes((1, *images_NHWC.shape[1:]))
+        names = {
+            i: f"{name} -> {'x'.join(map(str, shape[1:]))}"
+            for i, (name, shape) in enumerate(zip(model.names, shapes, strict=True))
+        }
+        step_profile_, (state, metrics) = step_profile.profile_compiled(
+            compiled, (state, *data, *chunks[-1]), steps=chunk, layer_names=names
+        )
     loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training diverged while benchmarking: loss {loss}")
-    return seconds, n_timed * chunk, compile_s, params
+    return seconds, n_timed * chunk, compile_s, params, step_profile_
 
 
 def benchmark(
@@ -260,6 +276,7 @@ def benchmark(
     peer: str | None = None,
     peak_gflops: float | None = None,
     config_name: str | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Training throughput of config's network at its batch size; see the module docstring.
 
@@ -267,7 +284,8 @@ def benchmark(
     warmup: untimed steps run first, after compilation. peer: None or "torch".
     peak_gflops: the machine's peak; None measures it (`matmul_gflops`, in this run).
     peak_rss_mb is read before the peer runs; peer_peak_rss_mb (the process's peak after it)
-    includes ours.
+    includes ours. profile=True adds "profile": where one more chunk's step time goes
+    (`cnn.step_profile.StepProfile.as_dict`), run under the profiler after the timed steps.
     """
     if peer not in (None, "torch"):
         raise ArgumentError(f"peer must be None or 'torch', got {peer!r}")
@@ -280,8 +298,8 @@ def benchmark(
     macs = forward_macs(model)
     images_NHWC, labels_N = synthetic_mnist(seed=config.seed)
 
-    seconds, timed_steps, compile_s, params = _time_ours(
-        config, model, images_NHWC, labels_N, steps, warmup
+    seconds, timed_steps, compile_s, params, profiled = _time_ours(
+        config, model, images_NHWC, labels_N, steps, warmup, profile
     )
     images_per_s = timed_steps * config.batch_size / seconds
     gflops = training_gflops(macs, images_per_s)
@@ -317,6 +335,13 @@ def benchmark(
         "peer_images_per_s": None,
         "ratio": None,
     }
+    if profiled is not None:
+        conv_s = profiled.kind_ms[step_profile.LIBRARY] / 1e3
+        result["profile"] = {
+            **profiled.as_dict(),
+            # the training FLOPs of a step, as if all of them ran in the matmul/conv ops
+            "matmul_conv_gflops": 6 * macs * config.batch_size / conv_s / 1e9 if conv_s else None,
+        }
     if peer == "torch":
         peer_seconds = time_torch(config, model, images_NHWC, labels_N, timed_steps, warmup)
         peer_images_per_s = timed_steps * config.batch_size / peer_seconds

@@ -1,5 +1,5 @@
 """Benchmark training throughput: python scripts/bench.py --config configs/X.py [--peer torch]
-[--json] [--steps N] [--warmup N] [--config.k=v]."""
+[--json] [--profile] [--steps N] [--warmup N] [--config.k=v]."""
 
 import json
 import pathlib
@@ -17,6 +17,9 @@ _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same network i
 _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object on stdout.")
 _STEPS = flags.DEFINE_integer("steps", 256, "Timed training steps (whole dispatch chunks).")
 _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Also profile one chunk: step time by kind of op and by layer."
+)
 _PEAK = flags.DEFINE_float(
     "peak_gflops", None, "Machine peak fp32 GFLOP/s; default: measured by a large matmul."
 )
@@ -49,7 +52,30 @@ def _format(r: dict) -> str:
             f" ({r['peer_gflops']:.2f} GFLOP/s)",
             f"ratio        {r['ratio']:.2f}x (ours / {r['peer']})",
         ]
+    if "profile" in r:
+        lines += _format_profile(r["profile"])
     return "\n".join(lines)
+
+
+def _format_profile(p: dict) -> list[str]:
+    wall = p["wall_ms"]
+    lines = [
+        f"profile      per step, {p['steps']} steps under the profiler: wall {wall:.2f} ms;"
+        f" some op running {p['busy_ms']:.2f} ms ({p['busy_ms'] / wall:.0%}),"
+        f" the rest is runtime overhead",
+        "  by kind    "
+        + "; ".join(f"{k} {ms:.2f} ms ({ms / p['op_ms']:.0%})" for k, ms in p["kind_ms"].items()),
+    ]
+    if p["matmul_conv_gflops"]:
+        lines.append(
+            f"  matmul/conv ops run the step's training FLOPs at {p['matmul_conv_gflops']:.1f}"
+            " GFLOP/s (under the profiler)"
+        )
+    lines.append("  by layer   (ms per step, share of op time)")
+    lines += [f"    {ms:7.2f}  {ms / p['op_ms']:4.0%}  {k}" for k, ms in p["layer_ms"].items()]
+    lines.append("  top ops")
+    lines += [f"    {ms:7.2f}  {kind:<18}  {name}" for name, kind, ms in p["top_ops"]]
+    return lines
 
 
 def main(argv):
@@ -63,6 +89,7 @@ def main(argv):
             peer=_PEER.value,
             peak_gflops=_PEAK.value,
             config_name=_config_name(sys.argv[1:]),
+            profile=_PROFILE.value,
         )
     except (*train.USER_ERRORS, benchmark.TranslationError, benchmark.ArgumentError) as e:
         sys.exit(f"error: {e}")
