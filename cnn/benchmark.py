@@ -47,12 +47,12 @@ from cnn.nn import (
     Sequential,
 )
 
+Array = jax.Array
+
 # The brief's fp32 peak for its 2-core Zen 3 (AVX2) machine: 2 cores x 2 FMA units x 8 lanes x
 # 2 FLOPs x ~2.45 GHz. Reported beside the measured peak so older figures stay comparable; the
 # development machine turned out to be a 2-core Zen 5 with AVX-512, where XLA's fp32 matmul
 # alone runs at 385-473 GFLOP/s (BENCHMARKS.md).
-Array = jax.Array
-
 NOMINAL_PEAK_GFLOPS = 157.0
 MATMUL_N = 2048
 IMAGE_SHAPE_HWC = (28, 28, 1)  # MNIST
@@ -226,9 +226,11 @@ def _chunk_inputs(n: int, batch_size: int, chunk: int, n_chunks: int, seed: int)
 def _time_ours(
     config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, profile: bool
 ):
-    """(seconds for the timed steps, timed steps, compile seconds, params, profile or None).
+    """(seconds for the timed steps, timed steps, compile seconds, params, peak RSS in MB,
+    profile or None).
 
-    profile=True then runs one more chunk under the profiler (`cnn.step_profile`).
+    The RSS is read after the timed steps; profile=True then runs one more chunk under the
+    profiler (`cnn.step_profile`), which itself needs memory.
     """
     chunk = train.dispatch_steps(config, steps)
     n_timed = -(-steps // chunk)
@@ -252,20 +254,21 @@ def _time_ours(
         state, metrics = compiled(state, *data, *chunk_args)
     jax.block_until_ready((state, metrics))
     seconds = time.perf_counter() - t
-    step_profile_ = None
+    rss_mb = peak_rss_mb()
+    profiled = None
     if profile:
         shapes = model.output_shapes((1, *images_NHWC.shape[1:]))
         names = {
             i: f"{name} -> {'x'.join(map(str, shape[1:]))}"
             for i, (name, shape) in enumerate(zip(model.names, shapes, strict=True))
         }
-        step_profile_, (state, metrics) = step_profile.profile_compiled(
+        profiled, (state, metrics) = step_profile.profile_compiled(
             compiled, (state, *data, *chunks[-1]), steps=chunk, layer_names=names
         )
     loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training diverged while benchmarking: loss {loss}")
-    return seconds, n_timed * chunk, compile_s, params, step_profile_
+    return seconds, n_timed * chunk, compile_s, params, rss_mb, profiled
 
 
 def benchmark(
@@ -283,9 +286,9 @@ def benchmark(
     steps: timed training steps (rounded up to whole chunks of config.steps_per_dispatch);
     warmup: untimed steps run first, after compilation. peer: None or "torch".
     peak_gflops: the machine's peak; None measures it (`matmul_gflops`, in this run).
-    peak_rss_mb is read before the peer runs; peer_peak_rss_mb (the process's peak after it)
-    includes ours. profile=True adds "profile": where one more chunk's step time goes
-    (`cnn.step_profile.StepProfile.as_dict`), run under the profiler after the timed steps.
+    peak_rss_mb is read after our timed steps, before any profiling and before the peer runs;
+    peer_peak_rss_mb (the process's peak after it) includes ours. profile=True adds "profile":
+    where one more chunk's step time goes (`cnn.step_profile.StepProfile.as_dict`).
     """
     if peer not in (None, "torch"):
         raise ArgumentError(f"peer must be None or 'torch', got {peer!r}")
@@ -298,12 +301,11 @@ def benchmark(
     macs = forward_macs(model)
     images_NHWC, labels_N = synthetic_mnist(seed=config.seed)
 
-    seconds, timed_steps, compile_s, params, profiled = _time_ours(
+    seconds, timed_steps, compile_s, params, rss_mb, profiled = _time_ours(
         config, model, images_NHWC, labels_N, steps, warmup, profile
     )
     images_per_s = timed_steps * config.batch_size / seconds
     gflops = training_gflops(macs, images_per_s)
-    rss_mb = peak_rss_mb()  # before the matmul below allocates its 2048^2 arrays
     measured_peak = matmul_gflops()
     peak = measured_peak if peak_gflops is None else peak_gflops
     device = jax.devices()[0]
@@ -336,10 +338,10 @@ def benchmark(
         "ratio": None,
     }
     if profiled is not None:
-        conv_s = profiled.kind_ms[step_profile.LIBRARY] / 1e3
+        conv_s = profiled.kind_busy_ms[step_profile.LIBRARY] / 1e3
         result["profile"] = {
             **profiled.as_dict(),
-            # the training FLOPs of a step, as if all of them ran in the matmul/conv ops
+            # a step's training FLOPs over the time some matmul/conv op was running
             "matmul_conv_gflops": 6 * macs * config.batch_size / conv_s / 1e9 if conv_s else None,
         }
     if peer == "torch":

@@ -13,7 +13,9 @@ and the op time split by kind and by layer. Kinds:
 An op's time runs from its start to its completion (XLA's CPU runtime marks both: see
 `_op_intervals`); while k ops run at once, each is charged 1/k of that time, so the op times
 add up to `busy_ms`. Layers are read from the ops' `op_name` metadata (`layers_N`, as
-`cnn.nn.Sequential` names its children; "bwd" where the op belongs to the backward pass).
+`cnn.nn.Sequential` names its children; "bwd" where the op belongs to the backward pass); in
+nested `Sequential`s the innermost index counts, and explicitly named layers count as outside
+the layers.
 Measured with XLA's CPU runtime; on other backends the events may not carry HLO names.
 """
 
@@ -82,6 +84,7 @@ class StepProfile:
     wall_ms: float
     busy_ms: float
     kind_ms: dict[str, float]
+    kind_busy_ms: dict[str, float]  # the time some op of the kind was running
     layer_ms: dict[str, float]
     top_ops: list[tuple[str, str, float]]  # (HLO name, kind, ms per step), the costliest first
 
@@ -137,7 +140,7 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
                 inside = codes(called.group(1)) if called else set()
                 if inside & _LIBRARY_OPS:
                     kind = LIBRARY
-                elif inside <= _MOVEMENT_OPS:
+                elif inside and inside <= _MOVEMENT_OPS:
                     kind = MOVEMENT
                 else:
                     kind = FUSED
@@ -157,9 +160,9 @@ def _shared_us(intervals: Sequence[tuple[str, float, float]]) -> list[float]:
 
     The shares add up to the union of the intervals (the time some op was running).
     """
+    spans = [(i, start, stop) for i, (_, start, stop) in enumerate(intervals) if stop > start]
     edges = sorted(
-        [(start, 1, i) for i, (_, start, _) in enumerate(intervals)]
-        + [(stop, -1, i) for i, (_, _, stop) in enumerate(intervals)],
+        [(start, 1, i) for i, start, _ in spans] + [(stop, -1, i) for i, _, stop in spans],
         key=lambda edge: (edge[0], edge[1]),
     )
     shares = [0.0] * len(intervals)
@@ -204,7 +207,8 @@ def _op_intervals(
     for e in timed:
         name, ts, dur = e["name"], float(e["ts"]), float(e["dur"])
         if name.startswith("end: ") and open_runs.get(name[5:]):
-            open_runs[name[5:]].popleft()[2] = ts + dur
+            run = open_runs[name[5:]].popleft()
+            run[2] = max(run[2], ts + dur)
             continue
         op = ops.get(name)
         if op is not None and op.kind != CONTROL:
@@ -247,12 +251,17 @@ def summarize(
         wall_ms=wall_s * 1e3 / steps,
         busy_ms=_union_us((start, stop) for _, start, stop in intervals) * per_step,
         kind_ms={k: v * per_step for k, v in kind_us.items()},
+        kind_busy_ms={
+            k: _union_us((a, b) for name, a, b in intervals if ops[name].kind == k) * per_step
+            for k in KINDS
+        },
         layer_ms={k: v * per_step for k, v in sorted(layer_us.items(), key=lambda kv: -kv[1])},
         top_ops=[(name, ops[name].kind, us * per_step) for name, us in ranked],
     )
 
 
 def _trace_events(log_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """The events of the trace `jax.profiler.stop_trace` wrote under log_dir (Chrome format)."""
     files = sorted(log_dir.glob("**/*.trace.json.gz"))
     if not files:
         raise RuntimeError(f"jax.profiler wrote no trace under {log_dir}")
@@ -270,7 +279,7 @@ def profile_compiled(
     costs are not step time.
     """
     with tempfile.TemporaryDirectory() as log_dir:
-        jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+        jax.profiler.start_trace(log_dir)
         try:
             t = time.perf_counter()
             out = jax.block_until_ready(compiled(*args))
@@ -278,7 +287,12 @@ def profile_compiled(
         finally:
             jax.profiler.stop_trace()
         events = _trace_events(pathlib.Path(log_dir))
-    profile = summarize(
-        events, hlo_ops(compiled.as_text()), steps=steps, wall_s=wall_s, layer_names=layer_names
-    )
+    ops = hlo_ops(compiled.as_text())
+    if not _op_intervals(events, ops):
+        raise RuntimeError(
+            f"the profiler recorded no op of the compiled module on {jax.default_backend()}:"
+            " its events do not carry HLO instruction names there (step_profile reads XLA's"
+            " CPU runtime)"
+        )
+    profile = summarize(events, ops, steps=steps, wall_s=wall_s, layer_names=layer_names)
     return profile, out

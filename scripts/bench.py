@@ -68,8 +68,8 @@ def _format_profile(p: dict) -> list[str]:
     ]
     if p["matmul_conv_gflops"]:
         lines.append(
-            f"  matmul/conv ops run the step's training FLOPs at {p['matmul_conv_gflops']:.1f}"
-            " GFLOP/s (under the profiler)"
+            f"  matmul/conv  some running {p['kind_busy_ms']['matmul/conv']:.2f} ms per step:"
+            f" the step's training FLOPs at {p['matmul_conv_gflops']:.1f} GFLOP/s over that time"
         )
     lines.append("  by layer   (ms per step, share of op time)")
     lines += [f"    {ms:7.2f}  {ms / p['op_ms']:4.0%}  {k}" for k, ms in p["layer_ms"].items()]
