@@ -342,7 +342,9 @@ def benchmark(
         result["profile"] = {
             **profiled.as_dict(),
             # a step's training FLOPs over the time some matmul/conv op was running
-            "matmul_conv_gflops": 6 * macs * config.batch_size / conv_s / 1e9 if conv_s else None,
+            "matmul_conv_gflops": training_gflops(macs, config.batch_size / conv_s)
+            if conv_s
+            else None,
         }
     if peer == "torch":
         peer_seconds = time_torch(config, model, images_NHWC, labels_N, timed_steps, warmup)

@@ -227,13 +227,22 @@ def summarize(
     layer_names: Mapping[int, str] | None = None,
     top: int = 10,
 ) -> StepProfile:
-    """A `StepProfile` from trace events ({"ph": "X", "name", "ts", "dur"} in microseconds)."""
+    """A `StepProfile` from trace events ({"ph": "X", "name", "ts", "dur"} in microseconds).
+
+    A RuntimeError if no event is a run of one of `ops`.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     kind_us: dict[str, float] = {k: 0.0 for k in KINDS}
     layer_us: dict[str, float] = collections.defaultdict(float)
     name_us: dict[str, float] = collections.defaultdict(float)
     intervals = _op_intervals(events, ops)
+    if not intervals:
+        raise RuntimeError(
+            f"the profiler recorded no op of the compiled module on {jax.default_backend()}:"
+            " its events do not carry HLO instruction names there (step_profile reads XLA's"
+            " CPU runtime)"
+        )
     for (name, _, _), dur in zip(intervals, _shared_us(intervals), strict=True):
         op = ops[name]
         kind_us[op.kind] += dur
@@ -288,11 +297,5 @@ def profile_compiled(
             jax.profiler.stop_trace()
         events = _trace_events(pathlib.Path(log_dir))
     ops = hlo_ops(compiled.as_text())
-    if not _op_intervals(events, ops):
-        raise RuntimeError(
-            f"the profiler recorded no op of the compiled module on {jax.default_backend()}:"
-            " its events do not carry HLO instruction names there (step_profile reads XLA's"
-            " CPU runtime)"
-        )
     profile = summarize(events, ops, steps=steps, wall_s=wall_s, layer_names=layer_names)
     return profile, out
