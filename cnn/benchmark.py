@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnn import augment, layers, model_summary, models, step_profile, train
+from cnn import augment, layers, model_summary, models, native, step_profile, train
 from cnn.geometry import pair, resolve_padding
 from cnn.nn import (
     Activation,
@@ -164,7 +164,7 @@ def time_conv_impls(
                 x_BHWC,
                 w_HWIO,
             )
-        except ValueError as e:
+        except (ValueError, native.NativeError) as e:
             if impls:  # asked for by name: say why it cannot run
                 raise ArgumentError(str(e)) from None
     times = {}

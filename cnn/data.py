@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from cnn.files import atomic_write
+from cnn.files import atomic_write, cache_dir
 
 __all__ = [
     "MNIST_URL",
@@ -119,12 +119,6 @@ class MnistFormatError(MnistFileError):
 def default_data_dir() -> pathlib.Path:
     """The documented default folder for the raw files: ``~/.cache/cnn/mnist``."""
     return pathlib.Path.home() / ".cache" / "cnn" / "mnist"
-
-
-def cache_dir() -> pathlib.Path:
-    """Cache root: env ``CNN_CACHE_DIR``, else ``~/.cache/cnn``."""
-    env = os.environ.get("CNN_CACHE_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "cnn"
 
 
 def _how_to_get(names: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves a half-written one: a temp file, then a rename."""
+"""Files: the cache root, and writes that a crash never leaves half-written (temp, then rename)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,9 @@ def atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], object]) -> Non
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Writes text (UTF-8) to path atomically."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def cache_dir() -> pathlib.Path:
+    """Cache root: env ``CNN_CACHE_DIR``, else ``~/.cache/cnn``."""
+    env = os.environ.get("CNN_CACHE_DIR")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "cnn"

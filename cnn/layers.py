@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnn import native
 from cnn.geometry import PaddingLike, Pads, effective_kernel, output_hw, pair, resolve_padding
 
 Array = jax.Array
 Shape = tuple[int, ...]
 
-CONV_IMPLS = ("auto", "xla", "dense", "pointwise", "im2col", "direct")
+CONV_IMPLS = ("auto", "xla", "dense", "pointwise", "im2col", "direct", "native")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -131,6 +132,8 @@ def conv2d(
     padding: "VALID", "SAME", an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
     impl: "auto", or one lowering from CONV_IMPLS; all give the same result. "direct" needs
     stride 1 and groups 1, and is reverse-mode only (its custom VJP: no jax.jvp / jacfwd).
+    "native" (`cnn.native`, CPU) also needs float32, at most 32 channels in and out, no
+    dilation and padding of at most k - 1; it is reverse-mode only too.
     """
     st, dil = pair(stride, "stride"), pair(dilation, "dilation")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
@@ -139,7 +142,10 @@ def conv2d(
     _check_conv(x_BHWC, w_HWIO, b_O, groups, effective_kernel(kernel, dil), pads)
     out_hw = output_hw(in_hw, kernel, st, pads, dil)
     if impl == "auto":
-        impl = choose_conv_impl(in_hw, kernel, st, pads, dil, out_hw)
+        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
+        impl = choose_conv_impl(
+            in_hw, kernel, st, pads, dil, out_hw, channels=c_io, groups=groups, dtype=x_BHWC.dtype
+        )
     try:
         lowering = _LOWERINGS[impl]
     except KeyError:
@@ -155,6 +161,16 @@ def conv2d(
             f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
             f" got output {out_hw}"
         )
+    if impl == "native":
+        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
+        if not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype):
+            raise ValueError(
+                f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
+                f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1; got"
+                f" {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels {c_io},"
+                f" padding {pads}, kernel {kernel}"
+            )
+        native.require()
     y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
     if b_O is not None:
         y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
@@ -171,19 +187,41 @@ def conv2d(
 _IM2COL_MAX_TAPS = 49
 
 
-def choose_conv_impl(in_hw, kernel, stride, pads, dilation, out_hw, backend=None) -> str:
+def choose_conv_impl(
+    in_hw,
+    kernel,
+    stride,
+    pads,
+    dilation,
+    out_hw,
+    backend=None,
+    *,
+    channels: tuple[int, int] | None = None,
+    groups: int = 1,
+    dtype=jnp.float32,
+) -> str:
     """The fastest exact lowering for this geometry on `backend` (default: JAX's default).
 
-    Full-cover and 1x1 kernels are matmuls on every backend. im2col works around XLA's CPU
-    convolution; GPUs (cuDNN) and TPUs keep XLA's own (untested on accelerators). The backend
-    is read when tracing: code placed on another device can pass conv2d(impl=...) instead.
+    Full-cover and 1x1 kernels are matmuls on every backend. On the CPU, the native kernel
+    takes what it supports (`channels`, in and out, must be given) when it can be built, and
+    im2col works around XLA's CPU convolution otherwise; GPUs (cuDNN) and TPUs keep XLA's own
+    (untested on accelerators). The backend is read when tracing: code placed on another device
+    can pass conv2d(impl=...) instead.
     """
-    del in_hw, stride, pads, dilation
+    del in_hw
     if out_hw == (1, 1):
         return "dense"
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    if (
+        on_cpu
+        and channels is not None
+        and kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS
+        and native.supports(kernel, *channels, stride, dilation, groups, pads, dtype)
+        and native.available()
+    ):
+        return "native"
     if kernel == (1, 1):
         return "pointwise"
-    on_cpu = (backend or jax.default_backend()) == "cpu"
     if on_cpu and kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS:
         return "im2col"
     return "xla"
@@ -323,12 +361,19 @@ def _conv_direct(x, w, stride, pads, dilation, groups, out_hw):
     return _direct(x, w, pads, dilation)
 
 
+def _conv_native(x, w, stride, pads, dilation, groups, out_hw):
+    """The C++ kernel of `cnn.native` (checked by conv2d: stride 1, no dilation, groups 1)."""
+    del stride, dilation, groups, out_hw
+    return native.conv(x, w, pads)
+
+
 _LOWERINGS: dict[str, Callable[..., Array]] = {
     "xla": _conv_xla,
     "dense": _conv_dense,
     "pointwise": _conv_pointwise,
     "im2col": _conv_im2col,
     "direct": _conv_direct,
+    "native": _conv_native,
 }
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 
+from cnn import native
 from cnn.nn import Activation, BatchNorm, Conv, Dropout, Flatten, GlobalAvgPool, MaxPool, Sequential
 
 
@@ -55,8 +56,8 @@ def _block(features: int, dropout: float, padding: int = 0, impl: str = "auto") 
 
 
 def _cpu_direct() -> str:
-    """impl="direct" where it was measured faster (CPU); elsewhere XLA's choice ("auto")."""
-    return "direct" if jax.default_backend() == "cpu" else "auto"
+    """On a CPU without the native kernel, impl="direct" (measured faster there); else "auto"."""
+    return "direct" if jax.default_backend() == "cpu" and not native.available() else "auto"
 
 
 def tiny(dropout: float = 0.0) -> Sequential:

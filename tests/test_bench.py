@@ -171,7 +171,7 @@ def test_time_conv_impls_times_each_applicable_lowering():
     times = benchmark.time_conv_impls(
         (2, 6, 6, 3), (3, 3, 3, 4), padding=1, steps=4, repeats=2, clock=lambda: next(ticks)
     )
-    assert set(times) == {"auto", "xla", "im2col", "direct"}  # not dense, not pointwise
+    assert set(times) == {"auto", "xla", "im2col", "direct", "native"}  # not dense, pointwise
     assert all(ms == 1000.0 / 4 for ms in times.values())
     first_layer = benchmark.time_conv_impls(
         (2, 5, 5, 1), (5, 5, 1, 2), impls=("dense",), input_grad=False, repeats=1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnn import layers
+from cnn import layers, native
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -281,6 +281,35 @@ def test_direct_impl_equals_lax(combo):
     _check_impls_equal_lax(x, w, b, stride, padding, dilation, groups, ["direct"])
 
 
+def _native_applies(combo) -> bool:
+    kernel, stride, padding, dilation, groups = combo
+    pads = ref_pads(padding, X_SHAPE[1:3], kernel, _pair(stride), _pair(dilation))
+    return native.supports(
+        kernel, X_SHAPE[3], 8, _pair(stride), _pair(dilation), groups, pads, jnp.float32
+    )
+
+
+NATIVE_GRID = [c for c in FULL_GRID if _native_applies(c)]
+
+
+@pytest.mark.parametrize("combo", NATIVE_GRID, ids=_grid_id)
+def test_native_impl_equals_lax_and_auto_picks_it_on_cpu(combo):
+    kernel, stride, padding, dilation, groups = combo
+    x, w, b = _conv_inputs(kernel, groups, seed=13)
+    _check_impls_equal_lax(x, w, b, stride, padding, dilation, groups, ["native"])
+    pads = ref_pads(padding, X_SHAPE[1:3], kernel, (1, 1))
+    out_hw = layers.conv2d_shape(X_SHAPE, w.shape, padding=padding)[1:3]
+    chosen = layers.choose_conv_impl(
+        X_SHAPE[1:3], kernel, (1, 1), pads, (1, 1), out_hw, "cpu", channels=(4, 8)
+    )
+    assert chosen == ("dense" if out_hw == (1, 1) else "native")
+
+
+def test_native_grid_covers_kernels_and_paddings():
+    assert {c[0] for c in NATIVE_GRID} == set(KERNELS)
+    assert {str(c[2]) for c in NATIVE_GRID} == {str(p) for p in PADDINGS}
+
+
 def test_direct_grid_has_wide_padding_and_dilation():
     assert len(DIRECT_GRID) >= 30
     wide = [c for c in DIRECT_GRID if c[0] == (2, 2) and c[2] == ((1, 2), (0, 1))]
@@ -411,7 +440,15 @@ def test_unknown_impl_raises_naming_the_valid_ones():
         layers.conv2d(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)), impl="fft")
     for impl in layers.CONV_IMPLS:
         assert impl in str(info.value)
-    assert set(layers.CONV_IMPLS) == {"auto", "xla", "dense", "pointwise", "im2col", "direct"}
+    assert set(layers.CONV_IMPLS) == {
+        "auto",
+        "xla",
+        "dense",
+        "pointwise",
+        "im2col",
+        "direct",
+        "native",
+    }
 
 
 def test_conv2d_without_bias_and_unbatched_padding_forms():

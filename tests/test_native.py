@@ -1,0 +1,234 @@
+"""The native C++ convolution: equal to lax.conv_general_dilated, and clear when it cannot run."""
+
+from __future__ import annotations
+
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnn import layers, native
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _rand(seed: int, shape) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _lax_conv(x, w, pads):
+    return lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN)
+
+
+def _assert_close(actual, expected, what: str):
+    expected = np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), expected, rtol=2e-5, atol=2e-5 * scale, err_msg=what
+    )
+
+
+@pytest.fixture(autouse=True)
+def _native_loaded():
+    """Every test here needs the library; a build failure fails loudly, it is never skipped."""
+    assert native.unavailable_reason() is None, native.unavailable_reason()
+    yield
+    native._load.cache_clear()  # a test that changed the environment must not leak its result
+    assert native.unavailable_reason() is None
+
+
+# (batch, height, width, c_in, kernel (kh, kw), c_out, pads): every vector count (1-4 of 8
+# lanes), ragged channel counts, widths that leave every column-block tail, one input channel,
+# asymmetric and full (k - 1) padding, a batch of 7 shared among the threads, and the shapes of
+# the configs' layers.
+CASES = [
+    (1, 5, 5, 1, (3, 3), 1, ((0, 0), (0, 0))),
+    (3, 7, 9, 1, (3, 3), 8, ((0, 0), (0, 0))),
+    (7, 12, 12, 10, (3, 3), 16, ((0, 0), (0, 0))),
+    (2, 10, 10, 16, (3, 3), 16, ((1, 1), (1, 1))),
+    (2, 9, 11, 5, (3, 3), 10, ((2, 2), (2, 2))),
+    (2, 6, 6, 3, (5, 5), 13, ((1, 3), (0, 4))),
+    (2, 8, 31, 17, (2, 3), 24, ((1, 0), (2, 1))),
+    (2, 13, 13, 8, (3, 3), 32, ((0, 0), (0, 0))),
+    (2, 9, 9, 32, (3, 3), 32, ((1, 1), (1, 1))),
+    (3, 12, 12, 16, (1, 1), 10, ((0, 0), (0, 0))),
+    (2, 7, 5, 32, (1, 1), 1, ((0, 0), (0, 0))),
+    (1, 6, 6, 2, (6, 6), 3, ((0, 0), (0, 0))),
+    (4, 28, 28, 1, (3, 3), 8, ((0, 0), (0, 0))),
+    (4, 26, 26, 8, (3, 3), 16, ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}-o{c[5]}"
+)
+def test_values_and_both_gradients_equal_lax(case):
+    b, h, w_, c, kernel, o, pads = case
+    x = _rand(0, (b, h, w_, c))
+    w = _rand(1, (*kernel, c, o))
+    assert native.supports(kernel, c, o, (1, 1), (1, 1), 1, pads, jnp.float32)
+
+    def both(x, w, g):
+        out = {}
+        for name, fn in (("native", native.conv), ("lax", _lax_conv)):
+            y, vjp = jax.vjp(lambda x, w, fn=fn: fn(x, w, pads), x, w)
+            out[name] = (y, *vjp(g))
+        return out
+
+    y_shape = jax.eval_shape(lambda: _lax_conv(x, w, pads)).shape
+    outs = jax.jit(both)(x, w, _rand(2, y_shape))
+    for what, got, want in zip(("y", "dx", "dw"), outs["native"], outs["lax"], strict=True):
+        _assert_close(got, want, what)
+
+
+def test_conv2d_impl_native_with_bias_and_padding_forms():
+    x, w, bias = _rand(3, (2, 11, 10, 6)), _rand(4, (3, 3, 6, 12)), _rand(5, (12,))
+    for padding, lax_padding in (
+        ("VALID", "VALID"),
+        ("SAME", "SAME"),
+        (1, ((1, 1), (1, 1))),
+        (((2, 0), (1, 2)), ((2, 0), (1, 2))),
+    ):
+        y = layers.conv2d(x, w, bias, padding=padding, impl="native")
+        ref = lax.conv_general_dilated(x, w, (1, 1), lax_padding, dimension_numbers=DN)
+        _assert_close(y, ref + bias.reshape(1, 1, 1, -1), f"padding={padding}")
+
+
+def test_auto_picks_native_on_cpu_where_it_applies():
+    valid = ((0, 0), (0, 0))
+
+    def choose(kernel, channels, pads=valid, stride=(1, 1), dilation=(1, 1), groups=1, **kw):
+        return layers.choose_conv_impl(
+            (12, 12), kernel, stride, pads, dilation, (10, 10), "cpu",
+            channels=channels, groups=groups, **kw,
+        )  # fmt: skip
+
+    assert choose((3, 3), (8, 16)) == "native"
+    assert choose((1, 1), (16, 10)) == "native"
+    assert choose((3, 3), (8, 64)) == "im2col"  # too many output channels
+    assert choose((3, 3), (64, 8)) == "im2col"  # the input gradient would have 64 outputs
+    assert choose((3, 3), (8, 16), stride=(2, 2)) == "im2col"
+    assert choose((3, 3), (8, 16), dilation=(2, 1)) == "im2col"
+    assert choose((3, 3), (8, 16), groups=2) == "im2col"
+    assert choose((3, 3), (8, 16), pads=((3, 3), (0, 0))) == "im2col"  # wider than k - 1
+    assert choose((3, 3), (8, 16), dtype=jnp.bfloat16) == "im2col"
+    assert choose((3, 3), None) == "im2col"  # channels unknown
+    assert choose((9, 9), (8, 16)) == "xla"  # 81 taps: the input gradient's zero border dominates
+    got = layers.choose_conv_impl(
+        (8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), "gpu", channels=(8, 16)
+    )
+    assert got == "xla"
+
+
+def test_impl_native_that_does_not_apply_raises_naming_the_limits():
+    x = jnp.ones((1, 8, 8, 4))
+    cases = [
+        (dict(w=jnp.ones((3, 3, 4, 33))), r"channels \(4, 33\)"),
+        (dict(w=jnp.ones((3, 3, 4, 8)), stride=2), r"stride \(2, 2\)"),
+        (dict(w=jnp.ones((3, 3, 4, 8)), dilation=2), r"dilation \(2, 2\)"),
+        (dict(w=jnp.ones((3, 3, 2, 8)), groups=2), r"groups=2"),
+        (dict(w=jnp.ones((3, 3, 4, 8)), padding=3), r"padding \(\(3, 3\), \(3, 3\)\)"),
+    ]
+    for kw, pattern in cases:
+        w = kw.pop("w")
+        with pytest.raises(ValueError, match=r"impl='native' needs float32.*" + pattern):
+            layers.conv2d(x, w, impl="native", **kw)
+    with pytest.raises(ValueError, match=r"impl='native' needs float32.*bfloat16"):
+        layers.conv2d(x.astype(jnp.bfloat16), jnp.ones((3, 3, 4, 8), jnp.bfloat16), impl="native")
+
+
+def test_vmap_and_scan_and_no_retrace():
+    x, w = _rand(6, (3, 2, 9, 9, 4)), _rand(7, (3, 3, 4, 8))
+    pads = ((1, 1), (1, 1))
+    got = jax.vmap(lambda x: native.conv(x, w, pads))(x)
+    want = jax.vmap(lambda x: _lax_conv(x, w, pads))(x)
+    _assert_close(got, want, "vmap")
+
+    def loss(w, x):
+        return jnp.sum(native.conv(x, w, pads) ** 2)
+
+    @jax.jit
+    def descend(w, xs):
+        return lax.scan(lambda w, x: (w - 1e-4 * jax.grad(loss)(w, x), None), w, xs)[0]
+
+    def descend_lax(w, xs):
+        for x in xs:
+            w = w - 1e-4 * jax.grad(lambda w, x: jnp.sum(_lax_conv(x, w, pads) ** 2))(w, x)
+        return w
+
+    _assert_close(descend(w, x), descend_lax(jnp.asarray(w), x), "scan of gradient steps")
+
+
+def test_forward_mode_is_refused_like_any_custom_vjp():
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda w: native.conv(x, w, ((0, 0), (0, 0))), (w,), (w,))
+
+
+def test_disabled_by_environment_falls_back_and_explains(monkeypatch):
+    monkeypatch.setenv("CNN_NATIVE", "0")
+    native._load.cache_clear()
+    assert "CNN_NATIVE=0" in native.unavailable_reason()
+    valid = ((0, 0), (0, 0))
+    pick = layers.choose_conv_impl(
+        (8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), "cpu", channels=(4, 8)
+    )
+    assert pick == "im2col"
+    with pytest.raises(
+        native.NativeError, match=r"unavailable: disabled by CNN_NATIVE=0.*impl='auto'"
+    ):
+        layers.conv2d(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8)), impl="native")
+
+
+def test_missing_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    native._load.cache_clear()
+    assert native.compiler() is None
+    assert "no C++ compiler found" in native.unavailable_reason()
+
+
+def test_failed_build_reports_the_compiler_error_and_leaves_no_file(monkeypatch, tmp_path):
+    bad = tmp_path / "bad-cxx"
+    bad.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo bad 1.0; exit 0; fi\n"
+                   "echo 'conv.cc:1: error: no' >&2; exit 1\n")  # fmt: skip
+    bad.chmod(0o755)
+    monkeypatch.setenv("CXX", str(bad))
+    monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    reason = native.unavailable_reason()
+    assert "compiling conv.cc failed" in reason and "error: no" in reason
+    assert not list((tmp_path / "cache" / "native").iterdir())  # no library, no temp file
+
+
+def test_build_goes_to_the_cache_keyed_by_compiler_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path))
+    cxx = native.compiler()
+    path = native.library_path(cxx)
+    assert path.parent == tmp_path / "native" and not path.exists()
+    native.build(cxx, path)
+    assert path.exists() and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert native.library_path(cxx) == path  # stable: a second process reuses it
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
+    assert native.library_path(cxx) != path
+
+
+def test_source_compiles_without_warnings_under_wall():
+    """The kernel's own code (not XLA's headers) is warning-free with the build's flags."""
+    flags = [f for f in native.FLAGS if f not in ("-w", "-shared", "-fPIC")]
+    cmd = [native.compiler(), *flags, "-fsyntax-only", "-Wall", "-Wextra",
+           f"-isystem{jax.ffi.include_dir()}", str(native.SOURCE)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "conv.cc" not in done.stderr, done.stderr[-3000:]
+
+
+def test_kernel_gradient_is_the_same_bits_every_time():
+    """Partial sums per fixed group of images: no dependence on which thread took which."""
+    x, g = _rand(8, (37, 12, 12, 8)), _rand(9, (37, 10, 10, 16))
+    dw = jax.jit(lambda x, g: native._call("cnn_conv_dw", (3, 3, 8, 16), x, g, ((0, 0), (0, 0))))
+    first = np.asarray(dw(x, g))
+    for _ in range(30):
+        np.testing.assert_array_equal(np.asarray(dw(x + 0.0, g)), first)
