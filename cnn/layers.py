@@ -426,21 +426,22 @@ def _tiled_max(x_BHWC: Array, win: tuple[int, int], out_hw: tuple[int, int]) -> 
 def _tiled_max_jvp(win, out_hw, primals, tangents):
     """The derivative follows the first maximum of each window in row-major order.
 
-    That is `lax.reduce_window`'s (and PyTorch's) rule; jnp.max's own rule splits it among ties,
-    which costs XLA three passes over the input in the backward pass instead of one.
+    That is `lax.reduce_window`'s (and PyTorch's) rule; jnp.max's own rule splits it among ties.
+    The window's positions are visited in order, each taking the derivative if it equals the max
+    and no earlier one did: boolean masks that XLA fuses into the neighbouring passes (measured
+    ~12% faster on tiny's step than an argmax index, BENCHMARKS.md).
     """
     (x_BHWC,), (dx_BHWC,) = primals, tangents
-    x_BHIWJC = _tiles(x_BHWC, win, out_hw)  # I, J: position in the window
-    y_BH1W1C = jnp.max(x_BHIWJC, axis=(2, 4), keepdims=True)
-    shape = x_BHIWJC.shape
-    pos = lax.broadcasted_iota(jnp.int32, shape, 2) * win[1] + lax.broadcasted_iota(
-        jnp.int32, shape, 4
-    )
-    at_max = jnp.where(x_BHIWJC == y_BH1W1C, pos, win[0] * win[1])
-    first = jnp.min(at_max, axis=(2, 4), keepdims=True)
-    dx_BHIWJC = _tiles(dx_BHWC, win, out_hw)
-    dy_BHIWJC = jnp.where(pos == first, dx_BHIWJC, jnp.zeros((), dx_BHWC.dtype))
-    return y_BH1W1C[:, :, 0, :, 0, :], jnp.sum(dy_BHIWJC, axis=(2, 4))
+    x_BHIWJC, dx_BHIWJC = _tiles(x_BHWC, win, out_hw), _tiles(dx_BHWC, win, out_hw)
+    taps = [(i, j) for i in range(win[0]) for j in range(win[1])]
+    y_BHWC = functools.reduce(jnp.maximum, [x_BHIWJC[:, :, i, :, j, :] for i, j in taps])
+    taken_BHWC = jnp.zeros(y_BHWC.shape, bool)
+    dy_BHWC = jnp.zeros(y_BHWC.shape, dx_BHWC.dtype)
+    for i, j in taps:
+        first_BHWC = (x_BHIWJC[:, :, i, :, j, :] == y_BHWC) & ~taken_BHWC
+        dy_BHWC = dy_BHWC + jnp.where(first_BHWC, dx_BHIWJC[:, :, i, :, j, :], 0.0)
+        taken_BHWC = taken_BHWC | first_BHWC
+    return y_BHWC, dy_BHWC
 
 
 def avg_pool(
