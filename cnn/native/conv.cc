@@ -145,53 +145,66 @@ ImageFn pick_conv(int64_t nv) {
   }
 }
 
-// dw partial sums of one image: acc over all output pixels for CB input channels at a time.
-template <int NV, int CB>
-inline void dw_block(const Geometry& g, const float* xin, const float* gp, int64_t p, int64_t q,
-                     int64_t c0, float* part) {
-  v8 acc[CB][NV];
-  for (int j = 0; j < CB; ++j)
-    for (int v = 0; v < NV; ++v) acc[j][v] = v8{};
+// dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
+// input offsets from the output pixel are off[k]: TB x NV accumulators over all output pixels,
+// whatever C is (one input channel fills them with taps, many with channels).
+// Contiguous: the taps are consecutive channels of one (p, q), so the offsets are off[0] + k,
+// known to the compiler (fewer registers than eight loaded offsets).
+template <int NV, int TB, bool Contiguous>
+inline void dw_block(const Geometry& g, const float* xin, const float* gp, const int64_t* off,
+                     float* out) {
+  v8 acc[TB][NV];
+  int64_t o[TB];
+  for (int k = 0; k < TB; ++k) {
+    o[k] = Contiguous ? off[0] + k : off[k];
+    for (int v = 0; v < NV; ++v) acc[k][v] = v8{};
+  }
   const int64_t C = g.C;
   for (int64_t i = 0; i < g.Ho; ++i) {
-    const float* xr = xin + ((i + p) * g.Wp + q) * C + c0;
+    const float* xr = xin + i * g.Wp * C;
     const float* gr = gp + i * g.Wo * NV * 8;
     for (int64_t j = 0; j < g.Wo; ++j) {
       v8 gv[NV];
       for (int v = 0; v < NV; ++v) gv[v] = load8(gr + (j * NV + v) * 8);
-      for (int k = 0; k < CB; ++k) {
-        const float s = xr[j * C + k];
+      const float* xj = xr + j * C + (Contiguous ? o[0] : 0);
+      for (int k = 0; k < TB; ++k) {
+        const float s = Contiguous ? xj[k] : xj[o[k]];
         for (int v = 0; v < NV; ++v) acc[k][v] += s * gv[v];
       }
     }
   }
-  for (int k = 0; k < CB; ++k) {
-    float* out = part + (((p * g.KW + q) * C) + c0 + k) * NV * 8;
+  for (int k = 0; k < TB; ++k)
     for (int v = 0; v < NV; ++v) {
-      v8 cur = load8(out + v * 8);
-      *reinterpret_cast<v8u*>(out + v * 8) = cur + acc[k][v];
+      float* dst = out + (k * NV + v) * 8;
+      *reinterpret_cast<v8u*>(dst) = load8(dst) + acc[k][v];
     }
-  }
 }
 
-template <int NV, int CB>
-void dw_tail(const Geometry& g, const float* xin, const float* gp, int64_t p, int64_t q,
-             int64_t c0, float* part, int r) {
-  if constexpr (CB > 0) {
-    if (r == CB) return dw_block<NV, CB>(g, xin, gp, p, q, c0, part);
-    dw_tail<NV, CB - 1>(g, xin, gp, p, q, c0, part, r);
+template <int NV, int TB>
+void dw_tail(const Geometry& g, const float* xin, const float* gp, const int64_t* off,
+             float* out, int r) {
+  if constexpr (TB > 0) {
+    if (r == TB) return dw_block<NV, TB, false>(g, xin, gp, off, out);
+    dw_tail<NV, TB - 1>(g, xin, gp, off, out, r);
   }
 }
 
 template <int NV>
 void dw_image(const Geometry& g, const float* xin, const float* gp, float* part) {
-  constexpr int CB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
+  constexpr int TB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
+  const int64_t taps = g.KH * g.KW * g.C;
+  std::vector<int64_t> off(taps);
   for (int64_t p = 0; p < g.KH; ++p)
-    for (int64_t q = 0; q < g.KW; ++q) {
-      int64_t c = 0;
-      for (; c + CB <= g.C; c += CB) dw_block<NV, CB>(g, xin, gp, p, q, c, part);
-      if (c < g.C) dw_tail<NV, CB - 1>(g, xin, gp, p, q, c, part, int(g.C - c));
-    }
+    for (int64_t q = 0; q < g.KW; ++q)
+      for (int64_t c = 0; c < g.C; ++c) off[(p * g.KW + q) * g.C + c] = (p * g.Wp + q) * g.C + c;
+  int64_t t = 0;
+  for (; t + TB <= taps; t += TB) {
+    if (off[t + TB - 1] == off[t] + TB - 1)
+      dw_block<NV, TB, true>(g, xin, gp, &off[t], part + t * NV * 8);
+    else
+      dw_block<NV, TB, false>(g, xin, gp, &off[t], part + t * NV * 8);
+  }
+  if (t < taps) dw_tail<NV, TB - 1>(g, xin, gp, &off[t], part + t * NV * 8, int(taps - t));
 }
 
 using DwFn = void (*)(const Geometry&, const float*, const float*, float*);
