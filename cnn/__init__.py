@@ -8,6 +8,7 @@ from cnn import (
     layers,
     model_summary,
     models,
+    native,
     nn,
     receptive_field,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "load_mnist",
     "measured_positions",
     "models",
+    "native",
     "normalize",
     "predicted_positions",
     "propagate",

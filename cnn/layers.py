@@ -177,7 +177,9 @@ def conv2d(
     return y_BHWO
 
 
-# Measured on the 2-core development CPU (BENCHMARKS.md): XLA's CPU convolution backward pass is
+# On the CPU, "auto" gives every convolution the native kernel supports to it (`cnn.native`:
+# 2-5x faster than the lowerings below on the configs' layers, BENCHMARKS.md). Otherwise:
+# measured on the 2-core development CPU (BENCHMARKS.md), XLA's CPU convolution backward pass is
 # 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the kernel
 # covers the input. For 3x3 kernels, autodiff's transposed dimension labels are the cause: inside
 # the training scan XLA runs those convolutions as a generic loop nest (tiny's 24x24 layer: 79 ms

@@ -65,9 +65,9 @@ def tiny(dropout: float = 0.0) -> Sequential:
 
     No dropout by default: measured on an earlier, narrower version, dropout 0.05 cost
     accuracy (BENCHMARKS.md). The 1x1 after the pool keeps 10 channels (8 made one seed of
-    three miss 99.4%). On CPU its 24x24 layer, the costliest, uses conv2d(impl="direct"):
-    measured faster there than im2col (whose patches are 21 MB per batch), slower in the other
-    nets; not measured on accelerators, which keep "auto".
+    three miss 99.4%). Every layer runs "auto" (on CPU: the native kernel); on a CPU without
+    it, the 24x24 layer, the costliest, uses conv2d(impl="direct"): measured faster there than
+    im2col (whose patches are 21 MB per batch).
     """
     return Sequential(
         [
