@@ -178,14 +178,14 @@ def conv2d(
 
 
 # On the CPU, "auto" gives every convolution the native kernel supports to it (`cnn.native`:
-# 2-5x faster than the lowerings below on the configs' layers, BENCHMARKS.md). Otherwise:
-# measured on the 2-core development CPU (BENCHMARKS.md), XLA's CPU convolution backward pass is
-# 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the kernel
-# covers the input. For 3x3 kernels, autodiff's transposed dimension labels are the cause: inside
-# the training scan XLA runs those convolutions as a generic loop nest (tiny's 24x24 layer: 79 ms
-# against 4.4 ms). impl="direct" avoids them and wins on layers with large im2col patches (tiny's
-# 24x24 one), but lost to im2col in the other nets, so "auto" does not pick it: a model names it.
-# Past a few dozen taps, im2col's compile time grows faster than its gain.
+# 1.5-2.7x faster than the best of the lowerings below on the configs' layers, BENCHMARKS.md).
+# Otherwise: measured on the 2-core development CPU (BENCHMARKS.md), XLA's CPU convolution backward
+# pass is 2-4x slower than im2col + matmul for small channel counts, and ~300x slower when the
+# kernel covers the input. For 3x3 kernels, autodiff's transposed dimension labels are the cause:
+# inside the training scan XLA runs those convolutions as a generic loop nest (tiny's 24x24 layer:
+# 79 ms against 4.4 ms). impl="direct" avoids them and wins on layers with large im2col patches
+# (tiny's 24x24 one), but lost to im2col in the other nets, so "auto" does not pick it: a model
+# names it. Past a few dozen taps, im2col's compile time grows faster than its gain.
 _IM2COL_MAX_TAPS = 49
 
 
