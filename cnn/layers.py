@@ -141,8 +141,8 @@ def conv2d(
     pads = resolve_padding(padding, in_hw, kernel, st, dil)
     _check_conv(x_BHWC, w_HWIO, b_O, groups, effective_kernel(kernel, dil), pads)
     out_hw = output_hw(in_hw, kernel, st, pads, dil)
+    c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
     if impl == "auto":
-        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
         impl = choose_conv_impl(
             in_hw, kernel, st, pads, dil, out_hw, channels=c_io, groups=groups, dtype=x_BHWC.dtype
         )
@@ -161,16 +161,13 @@ def conv2d(
             f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
             f" got output {out_hw}"
         )
-    if impl == "native":
-        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
-        if not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype):
-            raise ValueError(
-                f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
-                f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1; got"
-                f" {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels {c_io},"
-                f" padding {pads}, kernel {kernel}"
-            )
-        native.require()
+    if impl == "native" and not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype):
+        raise ValueError(
+            f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
+            f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1; got"
+            f" {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels {c_io},"
+            f" padding {pads}, kernel {kernel}"
+        )
     y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
     if b_O is not None:
         y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
@@ -214,17 +211,18 @@ def choose_conv_impl(
     if out_hw == (1, 1):
         return "dense"
     on_cpu = (backend or jax.default_backend()) == "cpu"
+    few_taps = kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS
     if (
         on_cpu
         and channels is not None
-        and kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS
+        and few_taps
         and native.supports(kernel, *channels, stride, dilation, groups, pads, dtype)
         and native.available()
     ):
         return "native"
     if kernel == (1, 1):
         return "pointwise"
-    if on_cpu and kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS:
+    if on_cpu and few_taps:
         return "im2col"
     return "xla"
 

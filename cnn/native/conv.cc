@@ -60,12 +60,14 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t workers, F& body) {
 
 struct Geometry {
   int64_t B, H, W, C, KH, KW, O, Ho, Wo, pt, pl, Hp, Wp;
+  bool padded() const { return Hp != H || Wp != W; }
+  int64_t padded_image_size() const { return Hp * Wp * C; }
 };
 
 // One image zero-padded into scratch (or x itself when there is no padding).
 const float* padded_image(const Geometry& g, const float* x, float* scratch) {
-  if (g.Hp == g.H && g.Wp == g.W) return x;
-  std::fill(scratch, scratch + g.Hp * g.Wp * g.C, 0.0f);
+  if (!g.padded()) return x;
+  std::fill(scratch, scratch + g.padded_image_size(), 0.0f);
   for (int64_t i = 0; i < g.H; ++i) {
     std::memcpy(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, x + i * g.W * g.C,
                 sizeof(float) * g.W * g.C);
@@ -237,14 +239,13 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   std::vector<float> wp(g.KH * g.KW * g.C * nv * 8, 0.0f);
   for (int64_t t = 0; t < g.KH * g.KW * g.C; ++t)
     std::memcpy(&wp[t * nv * 8], w.typed_data() + t * g.O, sizeof(float) * g.O);
-  const int64_t workers = workers_of(pool);
-  const bool pads = g.Hp != g.H || g.Wp != g.W;
-  std::vector<float> scratch(pads ? workers * g.Hp * g.Wp * g.C : 0);
+  const int64_t workers = workers_of(pool), img = g.padded_image_size();
+  std::vector<float> scratch(g.padded() ? workers * img : 0);
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
   auto body = [&](int64_t b, int64_t worker) {
-    const float* xin = padded_image(g, xs + b * g.H * g.W * g.C,
-                                    pads ? &scratch[worker * g.Hp * g.Wp * g.C] : nullptr);
+    const float* xin =
+        padded_image(g, xs + b * g.H * g.W * g.C, g.padded() ? &scratch[worker * img] : nullptr);
     fn(g, xin, wp.data(), ys + b * g.Ho * g.Wo * g.O);
   };
   parallel_for(pool, g.B, workers, body);
@@ -266,20 +267,20 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (!fn) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
   const int64_t workers = workers_of(pool);
   const int64_t taps = g.KH * g.KW * g.C * nv * 8;
-  const bool pads = g.Hp != g.H || g.Wp != g.W;
   const bool ragged = g.O % 8 != 0;
-  const int64_t img = g.Hp * g.Wp * g.C, gimg = g.Ho * g.Wo * nv * 8;
+  const int64_t img = g.padded_image_size(), gimg = g.Ho * g.Wo * nv * 8;
   // Partial sums per fixed group of images, added in a fixed order: the result does not
   // depend on which thread took which group, nor on the number of threads.
   const int64_t groups = (g.B + kDwGroup - 1) / kDwGroup;
   std::vector<float> part(groups * taps, 0.0f);
-  std::vector<float> scratch(pads ? workers * img : 0), gscratch(ragged ? workers * gimg : 0);
+  std::vector<float> scratch(g.padded() ? workers * img : 0);
+  std::vector<float> gscratch(ragged ? workers * gimg : 0);
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   auto body = [&](int64_t group, int64_t worker) {
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
       const float* xin = padded_image(g, xs + b * g.H * g.W * g.C,
-                                      pads ? &scratch[worker * img] : nullptr);
+                                      g.padded() ? &scratch[worker * img] : nullptr);
       const float* gp = gs + b * g.Ho * g.Wo * g.O;
       if (ragged) {
         float* dst = &gscratch[worker * gimg];
