@@ -347,7 +347,10 @@ def benchmark(
             else None,
         }
     if peer == "torch":
-        peer_seconds = time_torch(config, model, images_NHWC, labels_N, timed_steps, warmup)
+        peer_device = torch_device(device.platform)
+        peer_seconds = time_torch(
+            config, model, images_NHWC, labels_N, timed_steps, warmup, peer_device
+        )
         peer_images_per_s = timed_steps * config.batch_size / peer_seconds
         result.update(
             peer_images_per_s=peer_images_per_s,
@@ -355,7 +358,8 @@ def benchmark(
             peer_gflops=training_gflops(macs, peer_images_per_s),
             peer_peak_rss_mb=peak_rss_mb(),
             ratio=images_per_s / peer_images_per_s,
-            peer_threads=2,
+            peer_device=peer_device,
+            peer_threads=2 if peer_device == "cpu" else None,
             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
         )
     return result
@@ -518,8 +522,9 @@ def _torch_augment(x_BCHW, max_rotation_deg: float, max_translation_px: float):
     import torch.nn.functional as F
 
     b, _, h, w = x_BCHW.shape
-    theta_B = torch.deg2rad(torch.empty(b).uniform_(-max_rotation_deg, max_rotation_deg))
-    shift_B2 = torch.empty(b, 2).uniform_(-max_translation_px, max_translation_px)
+    on = {"device": x_BCHW.device}
+    theta_B = torch.deg2rad(torch.empty(b, **on).uniform_(-max_rotation_deg, max_rotation_deg))
+    shift_B2 = torch.empty(b, 2, **on).uniform_(-max_translation_px, max_translation_px)
     cos, sin = torch.cos(theta_B), torch.sin(theta_B)
     # Output -> input map in align_corners=True coordinates ([-1, 1] spans pixel centres).
     sx, sy = 2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)
@@ -534,14 +539,37 @@ def _torch_augment(x_BCHW, max_rotation_deg: float, max_translation_px: float):
     return F.grid_sample(x_BCHW, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def time_torch(config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int) -> float:
-    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones, 2 threads."""
+def torch_device(platform: str) -> str:
+    """The peer's device for ours on `platform`: CUDA beside a GPU, else the CPU."""
+    import torch
+
+    if platform != "gpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ArgumentError(
+            "JAX runs on a GPU but this torch has no CUDA: the ratio would compare a GPU with a"
+            " CPU; install a CUDA build of torch, or benchmark without --peer"
+        )
+    return "cuda"
+
+
+def time_torch(
+    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, device: str = "cpu"
+) -> float:
+    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones.
+
+    device "cpu" uses 2 threads; "cuda" keeps the data on the GPU and lets cuDNN pick its
+    algorithms (`cudnn.benchmark`), as a PyTorch user on a GPU would.
+    """
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
+    else:
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
-    net = to_torch(model)
+    net = to_torch(model).to(device)
     x_spec = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE_HWC), np.float32)
     ours = train.num_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x_spec)["params"])
     if torch_num_params(net) != ours:
@@ -549,12 +577,13 @@ def time_torch(config, model: Sequential, images_NHWC, labels_N, steps: int, war
     net.train()
     opt = _torch_optimizer(config, [p for p in net.parameters() if p.requires_grad])
     images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
-    labels = torch.from_numpy(labels_N.astype(np.int64))
+    images_NCHW = images_NCHW.to(device)
+    labels = torch.from_numpy(labels_N.astype(np.int64)).to(device)
     rot, shift = config.augment.rotation_deg, config.augment.translation_px
     n, batch_size = len(labels), config.batch_size
 
     def step():
-        idx_B = torch.randint(0, n, (batch_size,))
+        idx_B = torch.randint(0, n, (batch_size,), device=device)
         x = images_NCHW[idx_B].float().div_(255.0)
         if rot or shift:
             x = _torch_augment(x, rot, shift)  # black is 0 before normalizing, as ours after
@@ -567,10 +596,12 @@ def time_torch(config, model: Sequential, images_NHWC, labels_N, steps: int, war
 
     for _ in range(warmup):
         step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    loss = float(loss.detach())
+    loss = float(loss.detach())  # waits for the device
     seconds = time.perf_counter() - t
     if not math.isfinite(loss):
         raise FloatingPointError(f"torch training diverged while benchmarking: loss {loss}")

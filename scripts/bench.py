@@ -48,7 +48,7 @@ def _format(r: dict) -> str:
     ]
     if r["peer"]:
         lines += [
-            f"{r['peer']:<12} {r['peer_images_per_s']:,.0f} images/s"
+            f"{r['peer']:<12} {r['peer_images_per_s']:,.0f} images/s on {r['peer_device']}"
             f" ({r['peer_gflops']:.2f} GFLOP/s)",
             f"ratio        {r['ratio']:.2f}x (ours / {r['peer']})",
         ]

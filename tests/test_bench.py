@@ -96,6 +96,7 @@ def _check(result, peer):
     if peer:
         for key in ("peer_images_per_s", "ratio"):
             assert math.isfinite(result[key]) and result[key] > 0, key
+        assert result["peer_device"] == ("cuda" if result["platform"] == "gpu" else "cpu")
     else:
         assert result["peer_images_per_s"] is None and result["ratio"] is None
 
@@ -105,6 +106,15 @@ def test_benchmark_numbers(peer):
     result = benchmark.benchmark(_small_config(), steps=3, warmup=1, peer=peer)
     _check(result, peer)
     assert set(benchmark.REQUIRED_KEYS) <= set(result)
+
+
+def test_torch_peer_device_follows_ours(monkeypatch):
+    assert benchmark.torch_device("cpu") == "cpu" and benchmark.torch_device("tpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(benchmark.ArgumentError, match="torch has no CUDA"):
+        benchmark.torch_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert benchmark.torch_device("gpu") == "cuda"
 
 
 def test_peak_is_measured_unless_given(monkeypatch):
