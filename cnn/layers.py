@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn import native
+from cnn import activations, native
 from cnn.geometry import PaddingLike, Pads, effective_kernel, output_hw, pair, resolve_padding
 
 Array = jax.Array
@@ -126,10 +126,18 @@ def conv2d(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     impl: str = "auto",
-) -> Array:
+    activation: str | None = None,
+    stats: bool = False,
+):
     """2-D convolution (cross-correlation, as in every framework) of NHWC x with HWIO w.
 
     padding: "VALID", "SAME", an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
+    activation: None, or a name from `cnn.activations` applied to conv + bias (as Keras's
+    Conv2D(activation=...)); "native" applies "relu" as it writes each output, and its derivative
+    as it reads the output gradient.
+    stats=True returns (y, sums_B2O): per image and channel, the sum of y and of y * y, which
+    "native" takes as it writes y (batch norm's statistics, `batch_norm(sums_B2C=...)`); None
+    from the other lowerings.
     impl: "auto", or one lowering from CONV_IMPLS; all give the same result. "direct" needs
     stride 1 and groups 1, and is reverse-mode only (its custom VJP: no jax.jvp / jacfwd).
     "native" (`cnn.native`, CPU) also needs float32, at most 32 channels in and out, no
@@ -168,10 +176,17 @@ def conv2d(
             f" {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels {c_io},"
             f" padding {pads}, kernel {kernel}"
         )
-    y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
-    if b_O is not None:
-        y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
-    return y_BHWO
+    act = None if activation is None else activations.get(activation)
+    if impl == "native" and (act is None or activation == "relu"):
+        return native.conv(x_BHWC, w_HWIO, pads, b_O, relu=act is not None, stats=stats)
+    if impl == "native":
+        y_BHWO = native.conv(x_BHWC, w_HWIO, pads, b_O)
+    else:
+        y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
+        if b_O is not None:
+            y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
+    y_BHWO = y_BHWO if act is None else act(y_BHWO)
+    return (y_BHWO, None) if stats else y_BHWO
 
 
 # On the CPU, "auto" gives every convolution the native kernel supports to it (`cnn.native`:
@@ -486,38 +501,103 @@ def batch_norm(
     momentum: float = 0.9,
     eps: float = 1e-5,
     mask_B: Array | None = None,
+    sums_B2C: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """Batch normalization; returns (y, new_running_mean, new_running_var).
 
     train=True normalizes with the batch statistics (over B, H, W; rows with mask_B == 0 are
     left out) and updates the running ones: new = momentum * old + (1 - momentum) * batch.
     train=False uses the running statistics and returns them unchanged.
+    sums_B2C: each image's sum of x and of x * x per channel, if the layer before took them
+    (`conv2d(stats=True)`); they must be x's. Gradients flow through x alone.
     """
+    sums_B2C = _check_bn("batch_norm", x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C)
+    if not train:
+        r_C = lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype))
+        return _bn_apply(x_BHWC, mean_C, r_C, scale_C, bias_C), mean_C, var_C
+    y, mean, var = _batch_norm_train(x_BHWC, scale_C, bias_C, mask_B, sums_B2C, float(eps))
+    return y, *_running_stats(mean_C, var_C, mean, var, momentum)
+
+
+def batch_norm_max_pool(
+    x_BHWC: Array,
+    scale_C: Array,
+    bias_C: Array,
+    mean_C: Array,
+    var_C: Array,
+    window: int | Sequence[int],
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    mask_B: Array | None = None,
+    sums_B2C: Array | None = None,
+    impl: str = "auto",
+) -> tuple[Array, Array, Array]:
+    """max_pool(batch_norm(x), window) over non-overlapping windows (stride = window, VALID);
+    returns (y, new_running_mean, new_running_var) as `batch_norm`.
+
+    impl "native" (chosen by "auto" when training on the CPU with `cnn.native`): one pass
+    normalizes and pools, so the normalized x is never written, and the backward pass takes
+    batch norm's sums from the pooled gradient alone. "xla": the two layers as they are.
+    """
+    win = pair(window, "window")
+    sums_B2C = _check_bn(
+        "batch_norm_max_pool", x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C
+    )
+    chex.assert_rank(x_BHWC, 4, custom_message="batch_norm_max_pool: input must be NHWC")
+    if impl not in ("auto", "native", "xla"):
+        raise ValueError(f"batch_norm_max_pool: impl must be auto, native or xla, got {impl!r}")
+    c = x_BHWC.shape[-1]
+    ok = train and x_BHWC.dtype == jnp.float32 and win[0] * win[1] <= 255 and c in (8, 16, 24, 32)
+    ok = ok and x_BHWC.shape[1] >= win[0] and x_BHWC.shape[2] >= win[1]
+    if impl == "native" and not ok:
+        raise ValueError(
+            "batch_norm_max_pool: impl='native' needs train=True, float32, 8, 16, 24 or 32"
+            " channels and a window of at most 255 values within the input; got"
+            f" train={train}, {x_BHWC.dtype}, window {win}, input {x_BHWC.shape}"
+        )
+    if impl == "xla" or (impl == "auto" and not (ok and native.available())):
+        y, new_mean, new_var = batch_norm(
+            x_BHWC, scale_C, bias_C, mean_C, var_C, train=train, momentum=momentum, eps=eps,
+            mask_B=mask_B, sums_B2C=sums_B2C,
+        )  # fmt: skip
+        return max_pool(y, win), new_mean, new_var
+    y, mean, var = _bn_pool_train(x_BHWC, scale_C, bias_C, mask_B, sums_B2C, win, float(eps))
+    return y, *_running_stats(mean_C, var_C, mean, var, momentum)
+
+
+def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C):
+    """Shape checks of batch norm's arguments; returns sums_B2C without a gradient path."""
     c = x_BHWC.shape[-1]
     chex.assert_rank(
-        x_BHWC,
-        {2, 4},
-        custom_message=f"batch_norm: input must be (B, C) or NHWC, got {x_BHWC.shape}",
+        x_BHWC, {2, 4}, custom_message=f"{where}: input must be (B, C) or NHWC, got {x_BHWC.shape}"
     )
     chex.assert_shape(
         (scale_C, bias_C, mean_C, var_C),
         (c,),
-        custom_message=f"batch_norm: scale, bias, mean and var must have shape ({c},)",
+        custom_message=f"{where}: scale, bias, mean and var must have shape ({c},)",
     )
     if mask_B is not None:
         chex.assert_shape(
             mask_B,
             (x_BHWC.shape[0],),
-            custom_message=f"batch_norm: mask must have shape ({x_BHWC.shape[0]},)",
+            custom_message=f"{where}: mask must have shape ({x_BHWC.shape[0]},)",
         )
-    if not train:
-        r_C = lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype))
-        return _bn_apply(x_BHWC, mean_C, r_C, scale_C, bias_C), mean_C, var_C
-    y, mean, var = _batch_norm_train(x_BHWC, scale_C, bias_C, mask_B, float(eps))
-    m = jnp.asarray(momentum, x_BHWC.dtype)
+    if sums_B2C is None:
+        return None
+    chex.assert_shape(
+        sums_B2C,
+        (x_BHWC.shape[0], 2, c),
+        custom_message=f"{where}: sums must have shape ({x_BHWC.shape[0]}, 2, {c})",
+    )
+    return lax.stop_gradient(sums_B2C)
+
+
+def _running_stats(mean_C, var_C, mean, var, momentum):
+    m = jnp.asarray(momentum, mean_C.dtype)
     new_mean = m * mean_C + (1 - m) * lax.stop_gradient(mean)
-    new_var = m * var_C + (1 - m) * lax.stop_gradient(var)
-    return y, new_mean, new_var
+    return new_mean, m * var_C + (1 - m) * lax.stop_gradient(var)
 
 
 def _bn_weights(x: Array, mask_B: Array | None) -> tuple[Array | None, Array]:
@@ -538,26 +618,36 @@ def _bn_apply(x, mean_C, r_C, scale_C, bias_C):
     return x * _per_channel(inv, x) + _per_channel(bias_C - mean_C * inv, x)
 
 
-def _bn_forward(x, scale_C, bias_C, mask_B, eps):
+def _bn_stats(x, mask_B, sums_B2C, eps):
+    """Batch mean, raw variance (before clipping at 0), variance and rsqrt(variance + eps)."""
     axes = tuple(range(x.ndim - 1))
     w, count = _bn_weights(x, mask_B)
-    xw = x if w is None else x * w
-    mean = jnp.sum(xw, axis=axes) / count
-    var_raw = jnp.sum(xw * x, axis=axes) / count - jnp.square(mean)
+    if sums_B2C is None:
+        xw = x if w is None else x * w
+        sum_C, sum_sq_C = jnp.sum(xw, axis=axes), jnp.sum(xw * x, axis=axes)
+    else:  # taken by the layer before, per image: only the B images' sums are added here
+        sw = sums_B2C if mask_B is None else sums_B2C * mask_B.astype(x.dtype).reshape(-1, 1, 1)
+        sum_C, sum_sq_C = jnp.sum(sw, axis=0)
+    mean = sum_C / count
+    var_raw = sum_sq_C / count - jnp.square(mean)
     var = jnp.maximum(var_raw, 0)
-    r = lax.rsqrt(var + jnp.asarray(eps, x.dtype))
+    return mean, var_raw, var, lax.rsqrt(var + jnp.asarray(eps, x.dtype))
+
+
+def _bn_forward(x, scale_C, bias_C, mask_B, sums_B2C, eps):
+    mean, var_raw, var, r = _bn_stats(x, mask_B, sums_B2C, eps)
     y = _bn_apply(x, mean, r, scale_C, bias_C)
     return (y, mean, var), (x, scale_C, mask_B, mean, var_raw, r)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _batch_norm_train(x, scale_C, bias_C, mask_B, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _batch_norm_train(x, scale_C, bias_C, mask_B, sums_B2C, eps):
     """(y, batch mean, batch var) with a hand-written backward pass.
 
     Autodiff of the same formulas makes XLA on CPU read the activations in several more passes;
     `_batch_norm_train_bwd` reads them twice. Tests hold it to autodiff's gradients.
     """
-    return _bn_forward(x, scale_C, bias_C, mask_B, eps)[0]
+    return _bn_forward(x, scale_C, bias_C, mask_B, sums_B2C, eps)[0]
 
 
 def _batch_norm_train_bwd(eps, res, cotangents):
@@ -566,18 +656,27 @@ def _batch_norm_train_bwd(eps, res, cotangents):
     g, g_mean, g_var = cotangents
     axes = tuple(range(x.ndim - 1))
     w, count = _bn_weights(x, mask_B)
-    inv = r * scale_C
     d_bias = jnp.sum(g, axis=axes)
     d_inv = jnp.sum(g * (x - _per_channel(mean, x)), axis=axes)  # y = x*inv + bias - mean*inv
+    inv, d_scale, c1, c2 = _bn_grad_terms(
+        d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
+    )
+    d_x = g * _per_channel(inv, x) + (_per_channel(c1, x) + x * _per_channel(c2, x)) * (
+        1 if w is None else w
+    )
+    return d_x, d_scale, d_bias, _no_gradient(mask_B), None  # sums: through x
+
+
+def _bn_grad_terms(d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count):
+    """From batch norm's two reductions of its output gradient (sum g, sum g * (x - mean)):
+    inv, the scale's gradient, and c1, c2 of the input gradient g * inv + (c1 + x * c2) * w."""
+    inv = r * scale_C
     d_scale = d_inv * r
     d_var = g_var - 0.5 * (d_inv * scale_C) * r * r * r  # d rsqrt(v)/dv = -r^3 / 2
-    tie = jnp.where(var_raw == 0, 0.5, 0.0).astype(x.dtype)  # jnp.maximum's derivative at a tie
-    d_var_raw = d_var * jnp.where(var_raw > 0, 1.0, tie).astype(x.dtype)
+    tie = jnp.where(var_raw == 0, 0.5, 0.0).astype(r.dtype)  # jnp.maximum's derivative at a tie
+    d_var_raw = d_var * jnp.where(var_raw > 0, 1.0, tie).astype(r.dtype)
     d_mean = g_mean - inv * d_bias - 2 * mean * d_var_raw
-    d_x = g * _per_channel(inv, x) + (
-        _per_channel(d_mean / count, x) + x * _per_channel(2 * d_var_raw / count, x)
-    ) * (1 if w is None else w)
-    return d_x, d_scale, d_bias, _no_gradient(mask_B)
+    return inv, d_scale, d_mean / count, 2 * d_var_raw / count
 
 
 def _no_gradient(a: Array | None):
@@ -590,6 +689,36 @@ def _no_gradient(a: Array | None):
 
 
 _batch_norm_train.defvjp(_bn_forward, _batch_norm_train_bwd)
+
+
+def _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
+    mean, var_raw, var, r = _bn_stats(x, mask_B, sums_B2C, eps)
+    inv = r * scale_C
+    y, at = native.bn_max_pool(x, inv, bias_C - mean * inv, win)
+    return (y, mean, var), (x, at, scale_C, mask_B, mean, var_raw, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _bn_pool_train(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
+    """(max_pool(batch norm(x)), batch mean, batch var): native passes, forward and backward."""
+    return _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps)[0]
+
+
+def _bn_pool_backward(win, eps, res, cotangents):
+    del eps
+    x, at, scale_C, mask_B, mean, var_raw, r = res
+    g_y, g_mean, g_var = cotangents
+    w, count = _bn_weights(x, mask_B)
+    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, at, x, mean, win), axis=0)
+    inv, d_scale, c1, c2 = _bn_grad_terms(
+        d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
+    )
+    w_B = jnp.ones(x.shape[0], x.dtype) if w is None else w.reshape(-1)
+    d_x = native.bn_max_pool_grad(g_y, at, x, inv, c1, c2, w_B, win)
+    return d_x, d_scale, d_bias, _no_gradient(mask_B), None
+
+
+_bn_pool_train.defvjp(_bn_pool_forward, _bn_pool_backward)
 
 
 def _mix32(x: Array) -> Array:

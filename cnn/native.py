@@ -1,9 +1,18 @@
-"""Native convolutions: a C++ kernel for few channels, run by XLA as an FFI call on the CPU.
+"""Native kernels for few channels, run by XLA as FFI calls on the CPU.
 
-`conv(x_BHWC, w_HWIO, pads)` is a stride-1, undilated, ungrouped float32 convolution with a
-custom VJP whose two gradients are native too: the input gradient is the same kernel run on
-the output gradient with the flipped kernel, the kernel gradient its own loop. The library is
-compiled from `native/conv.cc` by the machine's C++ compiler on first use (`-O3
+`conv(x_BHWC, w_HWIO, pads, b_O=None, relu=False, stats=False)` is a stride-1, undilated,
+ungrouped float32 convolution with a custom VJP whose gradients are native too: the input
+gradient is the same kernel run on the output gradient with the flipped kernel, the kernel and
+bias gradients one more loop. As each output is written it adds the bias, applies the relu and,
+with stats, adds the output and its square to each image's per-channel sums (a batch norm's
+statistics); the relu's derivative (0 where the output is 0) is applied as the output gradient
+is read. So the relu and the batch norm's statistics take no pass over memory of their own.
+
+`bn_max_pool`, `bn_max_pool_sums` and `bn_max_pool_grad` are training's batch norm followed by
+a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and
+pools, and the backward pass needs only the pooled gradient.
+
+The library is compiled from `native/conv.cc` by the machine's C++ compiler on first use (`-O3
 -march=native`, a few seconds) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
 compiler, the flags and the CPU. `unavailable_reason()` says why it cannot be used, if so
 (no compiler, a failed build, another backend, or `CNN_NATIVE=0` in the environment).
@@ -23,6 +32,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from cnn.files import cache_dir
 
@@ -32,7 +42,13 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 MAX_CHANNELS = 32  # input and output channels; 4 vectors of 8 lanes
 SOURCE = pathlib.Path(__file__).with_name("native") / "conv.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"cnn_conv": "CnnConv", "cnn_conv_dw": "CnnConvDw"}
+_TARGETS = {
+    "cnn_conv": "CnnConv",
+    "cnn_conv_dw": "CnnConvDw",
+    "cnn_bn_pool": "CnnBnPool",
+    "cnn_bn_pool_sums": "CnnBnPoolSums",
+    "cnn_bn_pool_grad": "CnnBnPoolGrad",
+}
 _BUILD_TIMEOUT_S = 300
 
 
@@ -146,49 +162,148 @@ def supports(
     )
 
 
-def _call(target: str, out_shape, a: Array, b: Array, pads: Pads) -> Array:
+def _pad_attrs(pads: Pads) -> dict[str, np.int64]:
     (pt, pb), (pl, pr) = pads
-    return jax.ffi.ffi_call(
-        target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential"
-    )(
-        a,
-        b,
-        pad_top=np.int64(pt),
-        pad_bottom=np.int64(pb),
-        pad_left=np.int64(pl),
-        pad_right=np.int64(pr),
-    )
+    return {
+        "pad_top": np.int64(pt),
+        "pad_bottom": np.int64(pb),
+        "pad_left": np.int64(pl),
+        "pad_right": np.int64(pr),
+    }
 
 
-def _forward(x_BHWC: Array, w_HWIO: Array, pads: Pads) -> Array:
+def _forward(
+    x_BHWC: Array,
+    w_HWIO: Array,
+    b_O: Array,
+    pads: Pads,
+    relu: bool,
+    mask_BHWC: Array | None,
+    stats: bool = False,
+) -> tuple[Array, Array]:
+    """(act(conv(x * (mask > 0), w) + b), its per-image sums (B, 2, O) if stats else a (0,)
+    placeholder); the mask source None means no mask."""
     (pt, pb), (pl, pr) = pads
     b, h, w, _ = x_BHWC.shape
     kh, kw, _, o = w_HWIO.shape
-    return _call(
-        "cnn_conv", (b, h + pt + pb - kh + 1, w + pl + pr - kw + 1, o), x_BHWC, w_HWIO, pads
+    out = (
+        jax.ShapeDtypeStruct((b, h + pt + pb - kh + 1, w + pl + pr - kw + 1, o), jnp.float32),
+        jax.ShapeDtypeStruct((b, 2, o) if stats else (0,), jnp.float32),
+    )
+    m = x_BHWC if mask_BHWC is None else mask_BHWC  # unread without the mask
+    return jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")(
+        x_BHWC,
+        w_HWIO,
+        b_O,
+        m,
+        **_pad_attrs(pads),
+        relu=relu,
+        mask=mask_BHWC is not None,
+        stats=stats,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv(x_BHWC: Array, w_HWIO: Array, pads: Pads) -> Array:
-    """Stride-1 float32 convolution, pads ((top, bottom), (left, right)), each at most k - 1."""
+def conv(
+    x_BHWC: Array,
+    w_HWIO: Array,
+    pads: Pads,
+    b_O: Array | None = None,
+    relu: bool = False,
+    stats: bool = False,
+):
+    """Stride-1 float32 convolution, pads ((top, bottom), (left, right)), each at most k - 1;
+    plus the bias b_O, then relu if asked. stats=True returns (y, sums_B2O): each image's sum
+    of y and of y * y per channel, taken as y is written (batch norm's statistics)."""
     require()
-    return _forward(x_BHWC, w_HWIO, pads)
+    y_BHWO, sums_B2O = _conv(x_BHWC, w_HWIO, b_O, pads, relu, stats)
+    return (y_BHWO, sums_B2O) if stats else y_BHWO
 
 
-def _conv_fwd(x_BHWC, w_HWIO, pads):
-    require()
-    return _forward(x_BHWC, w_HWIO, pads), (x_BHWC, w_HWIO)
+def _conv_impl(x_BHWC, w_HWIO, b_O, pads, relu, stats):
+    bias_O = jnp.zeros(w_HWIO.shape[3], jnp.float32) if b_O is None else b_O
+    return _forward(x_BHWC, w_HWIO, bias_O, pads, relu, None, stats)
 
 
-def _conv_bwd(pads, res, g_BHWO):
-    x_BHWC, w_HWIO = res
-    kh, kw = w_HWIO.shape[:2]
+_conv = jax.custom_vjp(_conv_impl, nondiff_argnums=(3, 4, 5))
+
+
+def _value(primal):
+    return primal.value if isinstance(primal, CustomVJPPrimal) else primal
+
+
+def _conv_fwd(x_BHWC, w_HWIO, b_O, pads, relu, stats):
+    x_BHWC, w_HWIO, b_O = _value(x_BHWC), _value(w_HWIO), _value(b_O)
+    outs = _conv_impl(x_BHWC, w_HWIO, b_O, pads, relu, stats)
+    y_BHWO = outs[0] if relu or stats else None
+    return outs, (x_BHWC, w_HWIO, b_O, y_BHWO)
+
+
+def _conv_bwd(pads, relu, stats, res, cotangents):
+    x_BHWC, w_HWIO, b_O, y_BHWO = res
+    g_BHWO, g_sums_B2O = cotangents
+    kh, kw, c, o = w_HWIO.shape
+    if isinstance(g_BHWO, SymbolicZero):
+        g_BHWO = jnp.zeros(y_BHWO.shape if y_BHWO is not None else g_BHWO.shape, jnp.float32)
+    if stats and not isinstance(g_sums_B2O, SymbolicZero):  # d sum(y) = 1, d sum(y^2) = 2y
+        g_BHWO = (
+            g_BHWO + g_sums_B2O[:, None, None, 0, :] + 2 * y_BHWO * g_sums_B2O[:, None, None, 1, :]
+        )
+    a_BHWO = y_BHWO if relu else None  # the relu's output, whose > 0 is its derivative
     full = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
     w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
-    dx_BHWC = _forward(g_BHWO, w_flip_HWOI, full)
-    dw_HWIO = _call("cnn_conv_dw", w_HWIO.shape, x_BHWC, g_BHWO, pads)
-    return dx_BHWC, dw_HWIO
+    dx_BHWC, _ = _forward(g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO)
+    m = g_BHWO if a_BHWO is None else a_BHWO
+    dw_HWIO, db_O = jax.ffi.ffi_call(
+        "cnn_conv_dw",
+        (jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
+        vmap_method="sequential",
+    )(x_BHWC, g_BHWO, m, **_pad_attrs(pads), mask=a_BHWO is not None)
+    if b_O is None:
+        return dx_BHWC, dw_HWIO, None
+    if a_BHWO is None:  # XLA's sum, as autodiff of "+ b" takes it: the same bits as conv + b
+        db_O = jnp.sum(g_BHWO, axis=(0, 1, 2))
+    return dx_BHWC, dw_HWIO, db_O
 
 
-conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------- batch norm, then max pool
+def _window(win) -> dict[str, np.int64]:
+    return {"kh": np.int64(win[0]), "kw": np.int64(win[1])}
+
+
+def _pooled_shape(x_BHWC: Array, win) -> tuple[int, ...]:
+    b, h, w, c = x_BHWC.shape
+    return (b, h // win[0], w // win[1], c)
+
+
+def bn_max_pool(x_BHWC: Array, inv_C: Array, shift_C: Array, win) -> tuple[Array, Array]:
+    """Max over non-overlapping windows of x * inv + shift: (pooled, place of each maximum in
+    its window, row-major, uint8; the first of ties)."""
+    require()
+    shape = _pooled_shape(x_BHWC, win)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    return jax.ffi.ffi_call("cnn_bn_pool", out, vmap_method="sequential")(
+        x_BHWC, inv_C, shift_C, **_window(win)
+    )
+
+
+def bn_max_pool_sums(g_BHWC: Array, at_BHWC: Array, x_BHWC: Array, mean_C: Array, win) -> Array:
+    """Per image and channel (B, 2, C): sum g, and sum g * (x - mean) at each maximum's place."""
+    require()
+    b, c = x_BHWC.shape[0], x_BHWC.shape[3]
+    out = jax.ShapeDtypeStruct((b, 2, c), jnp.float32)
+    return jax.ffi.ffi_call("cnn_bn_pool_sums", out, vmap_method="sequential")(
+        g_BHWC, at_BHWC, x_BHWC, mean_C, **_window(win)
+    )
+
+
+def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Array:
+    """(gz * inv + c1 + x * c2) * w[b] everywhere in x, gz the pooled gradient at each
+    maximum's place and 0 elsewhere: batch norm's input gradient under a max pool."""
+    require()
+    out = jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32)
+    return jax.ffi.ffi_call("cnn_bn_pool_grad", out, vmap_method="sequential")(
+        g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, **_window(win)
+    )

@@ -38,7 +38,15 @@ class Conv(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
+    def __call__(
+        self,
+        x_BHWC: Array,
+        train: bool = False,
+        activation: str | None = None,
+        stats: bool = False,
+    ):
+        """activation and stats as in `layers.conv2d`; Sequential fuses a following relu, and
+        the batch norm after it, this way."""
         del train
         kh, kw = pair(self.kernel_size, "kernel_size")
         if x_BHWC.ndim != 4:
@@ -68,6 +76,8 @@ class Conv(nn.Module):
             dilation=self.dilation,
             groups=self.groups,
             impl=self.impl,
+            activation=activation,
+            stats=stats,
         )
 
     def geometry(self) -> Geometry:
@@ -120,6 +130,10 @@ class _Pool(nn.Module):
 class MaxPool(_Pool):
     """Max pooling; stride defaults to the window."""
 
+    def tiles(self) -> bool:
+        """Non-overlapping windows, no padding: what a batch norm before it can fuse with."""
+        return self._stride() == pair(self.window, "window") and self.padding in (0, "VALID")
+
     def __call__(self, x_BHWC: Array, train: bool = False) -> Array:
         del train
         return layers.max_pool(x_BHWC, self.window, self.stride, self.padding)
@@ -166,7 +180,17 @@ class BatchNorm(_Pointwise):
     use_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False, mask_B: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        mask_B: Array | None = None,
+        sums_B2C: Array | None = None,
+        max_pool: int | Sequence[int] | None = None,
+    ) -> Array:
+        """sums_B2C: x's per-image sums, if the layer before took them (`layers.batch_norm`).
+        max_pool: a window; then returns the max pool of the output, computed with it
+        (`layers.batch_norm_max_pool`). Sequential fuses a following MaxPool this way."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -176,17 +200,15 @@ class BatchNorm(_Pointwise):
             bias = jax.lax.stop_gradient(jnp.zeros_like(bias))
         mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        y, new_mean, new_var = layers.batch_norm(
-            x,
-            scale,
-            bias,
-            mean.value,
-            var.value,
-            train=train,
-            momentum=self.momentum,
-            eps=self.eps,
-            mask_B=mask_B,
-        )
+        kw = dict(train=train, momentum=self.momentum, eps=self.eps, mask_B=mask_B)
+        if max_pool is None:
+            y, new_mean, new_var = layers.batch_norm(
+                x, scale, bias, mean.value, var.value, sums_B2C=sums_B2C, **kw
+            )
+        else:
+            y, new_mean, new_var = layers.batch_norm_max_pool(
+                x, scale, bias, mean.value, var.value, max_pool, sums_B2C=sums_B2C, **kw
+            )
         if train and not self.is_initializing():
             mean.value, var.value = new_mean, new_var
         return y
@@ -263,14 +285,39 @@ class Sequential(nn.Module):
         mask_B: Array | None = None,
     ):
         features: dict[str, Array] = {}
-        for name, layer in zip(self.names, self.layers, strict=True):
-            if mask_B is not None and isinstance(layer, BatchNorm):
-                x = layer(x, train=train, mask_B=mask_B)
+        fused, sums_B2C = False, None
+        for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
+            if fused:  # this layer ran inside the one before it
+                fused = False
+                continue
+            if isinstance(layer, BatchNorm):
+                nxt = self._layer(i + 1)
+                if train and not return_features and isinstance(nxt, MaxPool) and nxt.tiles():
+                    x = layer(x, train, mask_B, sums_B2C, max_pool=nxt.window)
+                    fused = True  # the pool ran with the batch norm
+                else:
+                    x = layer(x, train=train, mask_B=mask_B, sums_B2C=sums_B2C)
+                sums_B2C = None
+            elif not return_features and self._relu_follows_conv(i):
+                if train and isinstance(self._layer(i + 2), BatchNorm):
+                    x, sums_B2C = layer(x, train=train, activation="relu", stats=True)
+                else:
+                    x = layer(x, train=train, activation="relu")
+                fused = True
             else:
                 x = layer(x, train=train)
             if return_features:
                 features[name] = x
         return (x, features) if return_features else x
+
+    def _layer(self, i: int) -> nn.Module | None:
+        return self.layers[i] if i < len(self.layers) else None
+
+    def _relu_follows_conv(self, i: int) -> bool:
+        """Conv then relu: one call, so that a lowering can fuse them (the native one does, and
+        takes the statistics of a batch norm after them as it writes its output)."""
+        nxt = self._layer(i + 1)
+        return isinstance(self.layers[i], Conv) and isinstance(nxt, Activation) and nxt.fn == "relu"
 
     def output_shapes(self, in_shape: Shape) -> list[Shape]:
         """Each layer's output shape, inferred without running anything."""

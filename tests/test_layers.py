@@ -797,7 +797,7 @@ def test_batch_norm_backward_equals_autodiff(shape, mask):
     cts = tuple(_rand(12 + i, s) for i, s in enumerate((shape, shape[-1:], shape[-1:])))
 
     def ours(x, scale, bias):
-        return layers._batch_norm_train(x, scale, bias, mask, 1e-5)
+        return layers._batch_norm_train(x, scale, bias, mask, None, 1e-5)
 
     def ref(x, scale, bias):
         return _bn_autodiff(x, scale, bias, mask, 1e-5)
@@ -1004,3 +1004,79 @@ def test_conv_and_pool_do_not_retrace_on_same_shapes():
         assert f(x, w, b).shape == (2, 4)
     with pytest.raises(AssertionError, match="trace"):
         f(_rand(0, (2, 10, 10, 3)), w, b)  # a new shape needs a second trace
+
+
+def test_batch_norm_with_the_layer_befores_sums_equals_without():
+    """sums_B2C (as conv2d(stats=True) gives them) change nothing but where the sums come from."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((6, 5, 4, 3)).astype(np.float32) + 1.5)
+    scale, bias = jnp.asarray([1.5, -0.5, 2.0]), jnp.asarray([0.1, 0.2, -0.3])
+    mean, var = jnp.zeros(3), jnp.ones(3)
+    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0, 0.0])
+    sums = jnp.stack([jnp.sum(x, axis=(1, 2)), jnp.sum(x * x, axis=(1, 2))], axis=1)
+    g = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+
+    def run(with_sums, mask_B):
+        def f(x, scale, bias):
+            y, m, v = layers.batch_norm(
+                x, scale, bias, mean, var, train=True, mask_B=mask_B,
+                sums_B2C=sums if with_sums else None,
+            )  # fmt: skip
+            return jnp.sum(y * g) + jnp.sum(m) + 2 * jnp.sum(v), (y, m, v)
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+
+    for mask_B in (None, mask):
+        chex.assert_trees_all_close(run(True, mask_B), run(False, mask_B), rtol=2e-5, atol=2e-5)
+    with pytest.raises(AssertionError, match=r"sums must have shape \(6, 2, 3\)"):
+        layers.batch_norm(x, scale, bias, mean, var, train=True, sums_B2C=sums[:, :1])
+
+
+@pytest.mark.parametrize(
+    "shape,window,masked",
+    [((5, 12, 12, 16), 2, True), ((3, 9, 7, 8), 2, False), ((2, 10, 11, 24), (3, 2), True)],
+    ids=["tiny's", "odd-sizes", "3x2-24-channels"],
+)
+def test_batch_norm_max_pool_native_equals_the_two_layers(shape, window, masked):
+    """Values, gradients in x, scale and bias, and running statistics; a negative scale (the
+    pool then takes each window's smallest x), ties, and rows and columns past the windows."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[:, :2, :2, 0] = 1.25  # a tied window
+    x = jnp.asarray(x)
+    c = shape[-1]
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, c).astype(np.float32)).at[0].set(-1.5)
+    bias = jnp.asarray(rng.standard_normal(c).astype(np.float32))
+    mean, var = jnp.zeros(c), jnp.ones(c)
+    mask = jnp.asarray((np.arange(shape[0]) != 1).astype(np.float32)) if masked else None
+    sums = jnp.stack([jnp.sum(x, axis=(1, 2)), jnp.sum(x * x, axis=(1, 2))], axis=1)
+    g_shape = layers.pool_shape(shape, window, window, 0)
+    g = jnp.asarray(rng.standard_normal(g_shape).astype(np.float32))
+
+    def run(impl, with_sums):
+        def f(x, scale, bias):
+            y, m, v = layers.batch_norm_max_pool(
+                x, scale, bias, mean, var, window, train=True, mask_B=mask, impl=impl,
+                sums_B2C=sums if with_sums else None,
+            )  # fmt: skip
+            return jnp.sum(y * g) + jnp.sum(m) + 2 * jnp.sum(v), (y, m, v)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+
+    want = run("xla", False)
+    for with_sums in (False, True):
+        chex.assert_trees_all_close(run("native", with_sums), want, rtol=3e-5, atol=3e-5)
+
+
+def test_batch_norm_max_pool_picks_and_refuses():
+    x = jnp.ones((2, 4, 4, 3))
+    c3 = jnp.ones(3)
+    y, m, v = layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=False)  # eval: two layers
+    np.testing.assert_array_equal(
+        y, layers.max_pool(layers.batch_norm(x, c3, c3, c3, c3, train=False)[0], 2)
+    )
+    for train in (False, True):  # eval, or 3 channels
+        with pytest.raises(ValueError, match="impl='native' needs train=True, float32, 8, 16"):
+            layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=train, impl="native")
+    with pytest.raises(ValueError, match="impl must be auto, native or xla"):
+        layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=True, impl="direct")

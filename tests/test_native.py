@@ -62,26 +62,41 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}-o{c[5]}"
 )
-def test_values_and_both_gradients_equal_lax(case):
+def test_values_and_all_gradients_equal_lax(case, bias, relu):
+    """act(conv(x, w) + b) and its gradients in x, w and b, against lax and autodiff."""
     b, h, w_, c, kernel, o, pads = case
     x = _rand(0, (b, h, w_, c))
     w = _rand(1, (*kernel, c, o))
+    bias_O = _rand(3, (o,)) if bias else None
     assert native.supports(kernel, c, o, (1, 1), (1, 1), 1, pads, jnp.float32)
 
-    def both(x, w, g):
+    def reference(x, w, b_O):
+        y = _lax_conv(x, w, pads) + (0 if b_O is None else b_O.reshape(1, 1, 1, -1))
+        return jax.nn.relu(y) if relu else y
+
+    def both(x, w, b_O, g):
         out = {}
-        for name, fn in (("native", native.conv), ("lax", _lax_conv)):
-            y, vjp = jax.vjp(lambda x, w, fn=fn: fn(x, w, pads), x, w)
+        for name, fn in (
+            ("native", lambda x, w, b_O: native.conv(x, w, pads, b_O, relu=relu)),
+            ("lax", reference),
+        ):
+            y, vjp = jax.vjp(fn, x, w, b_O)
             out[name] = (y, *vjp(g))
         return out
 
     y_shape = jax.eval_shape(lambda: _lax_conv(x, w, pads)).shape
-    outs = jax.jit(both)(x, w, _rand(2, y_shape))
-    for what, got, want in zip(("y", "dx", "dw"), outs["native"], outs["lax"], strict=True):
-        _assert_close(got, want, what)
+    outs = jax.jit(both)(x, w, bias_O, _rand(2, y_shape))
+    if relu and outs["lax"][0].size >= 16:  # the mask is exercised: some outputs are cut
+        assert 0.2 < float(np.mean(np.asarray(outs["lax"][0]) == 0)) < 0.8
+    for what, got, want in zip(("y", "dx", "dw", "db"), outs["native"], outs["lax"], strict=True):
+        if want is None:
+            assert got is None, what
+        else:
+            _assert_close(got, want, what)
 
 
 def test_conv2d_impl_native_with_bias_and_padding_forms():
@@ -225,10 +240,43 @@ def test_source_compiles_without_warnings_under_wall():
     assert done.returncode == 0 and "conv.cc" not in done.stderr, done.stderr[-3000:]
 
 
-def test_kernel_gradient_is_the_same_bits_every_time():
+def test_kernel_and_bias_gradients_are_the_same_bits_every_time():
     """Partial sums per fixed group of images: no dependence on which thread took which."""
     x, g = _rand(8, (37, 12, 12, 8)), _rand(9, (37, 10, 10, 16))
-    dw = jax.jit(lambda x, g: native._call("cnn_conv_dw", (3, 3, 8, 16), x, g, ((0, 0), (0, 0))))
-    first = np.asarray(dw(x, g))
+    w, b = _rand(10, (3, 3, 8, 16)), _rand(11, (16,))
+
+    @jax.jit
+    def grads(x, g):
+        _, vjp = jax.vjp(lambda w, b: native.conv(x, w, ((0, 0), (0, 0)), b, relu=True), w, b)
+        return vjp(g)
+
+    first = [np.asarray(a) for a in grads(x, g)]
     for _ in range(30):
-        np.testing.assert_array_equal(np.asarray(dw(x + 0.0, g)), first)
+        for got, want in zip(grads(x + 0.0, g), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_stats_are_each_images_sums_and_differentiable(relu):
+    """stats=True: per image and channel, sum y and sum y*y; their cotangents reach x, w, b."""
+    x, w, b = _rand(12, (5, 9, 9, 4)), _rand(13, (3, 3, 4, 12)), _rand(14, (12,))
+    pads = ((1, 0), (0, 1))
+
+    def reference(x, w, b):
+        y = _lax_conv(x, w, pads) + b.reshape(1, 1, 1, -1)
+        y = jax.nn.relu(y) if relu else y
+        return y, jnp.stack([jnp.sum(y, axis=(1, 2)), jnp.sum(y * y, axis=(1, 2))], axis=1)
+
+    def native_fn(x, w, b):
+        return native.conv(x, w, pads, b, relu=relu, stats=True)
+
+    g_y = _rand(15, (5, 8, 8, 12))
+    g_s = _rand(16, (5, 2, 12))
+    for name, fn in (("native", native_fn), ("lax", reference)):
+        (y, s), vjp = jax.vjp(fn, x, w, b)
+        if name == "native":
+            got = (y, s, *vjp((g_y, g_s)))
+        else:
+            want = (y, s, *vjp((g_y, g_s)))
+    for what, a, e in zip(("y", "sums", "dx", "dw", "db"), got, want, strict=True):
+        _assert_close(a, e, what)

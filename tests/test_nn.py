@@ -354,3 +354,98 @@ def test_course_network():
 def _conv_inputs(model, in_shape):
     shapes = [tuple(in_shape), *model.output_shapes(in_shape)]
     return [(m, shapes[i]) for i, m in enumerate(model.layers) if isinstance(m, Conv)]
+
+
+@pytest.mark.parametrize("impl", ["native", "xla"])
+def test_sequential_fuses_conv_then_relu_with_the_same_values_and_gradients(impl):
+    """Conv then relu is one conv2d(activation="relu") call; features still show both layers."""
+    model = Sequential(
+        [Conv(8, 3, impl=impl), Activation("relu"), Conv(4, 1, impl=impl), Activation("relu")]
+    )
+    x = _x((3, 7, 7, 2), seed=7)
+    variables = model.init(KEY, x)
+    p = variables["params"]
+
+    def by_hand(p, x):
+        h = jax.nn.relu(layers.conv2d(x, p["layers_0"]["kernel"], p["layers_0"]["bias"], impl=impl))
+        return jax.nn.relu(layers.conv2d(h, p["layers_2"]["kernel"], p["layers_2"]["bias"]))
+
+    def loss(fn):
+        return lambda p, x: jnp.sum(jnp.sin(fn(p, x)))
+
+    fused = jax.jit(jax.value_and_grad(loss(lambda p, x: model.apply({"params": p}, x))))(p, x)
+    want = jax.jit(jax.value_and_grad(loss(by_hand)))(p, x)
+    chex.assert_trees_all_close(fused, want, rtol=2e-5, atol=2e-5)
+    _, feats = model.apply(variables, x, return_features=True)
+    np.testing.assert_array_equal(feats["1_activation"], jax.nn.relu(feats["0_conv"]))
+    assert float(jnp.min(feats["0_conv"])) < 0  # the unfused path shows the pre-relu values
+
+
+def test_sequential_fusion_calls_conv_with_the_activation(monkeypatch):
+    calls = []
+    real = layers.conv2d
+    monkeypatch.setattr(
+        layers, "conv2d", lambda *a, **k: calls.append(k["activation"]) or real(*a, **k)
+    )
+    model = Sequential([Conv(4, 3), Activation("relu"), Conv(4, 3), Activation("tanh"), Conv(2, 1)])
+    model.init(KEY, _x((1, 9, 9, 1)))
+    assert calls == ["relu", None, None]
+
+
+def test_conv2d_activation_on_every_lowering():
+    x, w, b = _x((2, 6, 6, 3), 1), _x((3, 3, 3, 5), 2), _x((5,), 3)
+    ref = layers.conv2d(x, w, b, impl="xla")
+    for impl in ("xla", "im2col", "direct", "native"):
+        for name in ("relu", "tanh"):
+            got = layers.conv2d(x, w, b, impl=impl, activation=name)
+            np.testing.assert_allclose(got, activations.get(name)(ref), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="unknown activation 'relu6'"):
+        layers.conv2d(x, w, b, activation="relu6")
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_sequential_fuses_conv_relu_batch_norm_max_pool_when_training(pool, monkeypatch):
+    """Conv, relu, BN (, max pool): the conv takes BN's sums as it writes, BN and pool run as
+    one call; the loss, gradients and running statistics are those of the layers one by one."""
+    tail = [MaxPool(2)] if pool else []
+    model = Sequential(
+        [Conv(8, 3, use_bias=False), Activation("relu"), BatchNorm(), *tail, Conv(4, 1)]
+    )
+    x = _x((4, 9, 9, 2), seed=9)
+    mask = jnp.asarray([1.0, 1.0, 1.0, 0.0])
+    variables = model.init(KEY, x)
+    last = f"layers_{len(model.layers) - 1}"
+
+    def by_hand(params, x):
+        h = jax.nn.relu(layers.conv2d(x, params["layers_0"]["kernel"]))
+        stats = variables["batch_stats"]["layers_2"]
+        bn = params["layers_2"]
+        h, m, v = layers.batch_norm(
+            h, bn["scale"], bn["bias"], stats["mean"], stats["var"], train=True, mask_B=mask
+        )
+        h = layers.max_pool(h, 2) if pool else h
+        y = layers.conv2d(h, params[last]["kernel"], params[last]["bias"])
+        return y, {"layers_2": {"mean": m, "var": v}}
+
+    def fused(params, x):
+        y, upd = model.apply(
+            {**variables, "params": params}, x, train=True, mask_B=mask, mutable=["batch_stats"]
+        )
+        return y, upd["batch_stats"]
+
+    def loss(fn):
+        def f(p, x):
+            y, stats = fn(p, x)
+            return jnp.sum(jnp.sin(y)), stats
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    want = loss(by_hand)(variables["params"], x)
+    calls = []
+    real = layers.batch_norm_max_pool
+    monkeypatch.setattr(
+        layers, "batch_norm_max_pool", lambda *a, **k: calls.append(a[5]) or real(*a, **k)
+    )
+    got = loss(fused)(variables["params"], x)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+    assert calls == ([2] if pool else [])

@@ -1,9 +1,12 @@
 // Direct NHWC/HWIO convolutions for small channel counts, as XLA FFI handlers on the CPU.
 //
-// cnn_conv:   y[b,i,j,o]  = sum_{p,q,c} xpad[b,i+p,j+q,c] * w[p,q,c,o]        (stride 1)
-// cnn_conv_dw: dw[p,q,c,o] = sum_{b,i,j} xpad[b,i+p,j+q,c] * g[b,i,j,o]
-// xpad is x zero-padded by (top, bottom, left, right). The input gradient of cnn_conv is
-// cnn_conv of g with the flipped, transposed kernel (cnn/native.py). Output channels are held
+// cnn_conv:   y[b,i,j,o]  = act(sum_{p,q,c} xpad[b,i+p,j+q,c] * w[p,q,c,o] + bias[o])  (stride 1)
+// cnn_conv_dw: dw[p,q,c,o] = sum_{b,i,j} xpad[b,i+p,j+q,c] * g[b,i,j,o];  db[o] = sum g[b,i,j,o]
+// xpad is x zero-padded by (top, bottom, left, right); act is relu or the identity. With the
+// attribute mask=1, each value of x (cnn_conv) or g (cnn_conv_dw) counts only where the same
+// element of the extra operand m is > 0: the derivative of a relu whose output is m, applied as
+// the values are read. The input gradient of cnn_conv is cnn_conv of g with the flipped,
+// transposed kernel (cnn/native.py). Output channels are held
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
 // several output columns at a time; images are shared among XLA's intra-op threads.
 #include <algorithm>
@@ -64,20 +67,39 @@ struct Geometry {
   int64_t padded_image_size() const { return Hp * Wp * C; }
 };
 
-// One image zero-padded into scratch (or x itself when there is no padding).
-const float* padded_image(const Geometry& g, const float* x, float* scratch) {
-  if (!g.padded()) return x;
-  std::fill(scratch, scratch + g.padded_image_size(), 0.0f);
+// n values of x, zeroed where m <= 0 (m == nullptr: copied as they are).
+inline void copy_masked(float* dst, const float* x, const float* m, int64_t n) {
+  if (!m) {
+    std::memcpy(dst, x, sizeof(float) * n);
+    return;
+  }
+  for (int64_t k = 0; k < n; ++k) dst[k] = m[k] > 0.0f ? x[k] : 0.0f;
+}
+
+// One image zero-padded and masked (m: its mask source, or nullptr) into scratch; x itself
+// when there is neither padding nor mask.
+const float* prepared_image(const Geometry& g, const float* x, const float* m, float* scratch) {
+  if (!g.padded() && !m) return x;
+  if (g.padded()) std::fill(scratch, scratch + g.padded_image_size(), 0.0f);
   for (int64_t i = 0; i < g.H; ++i) {
-    std::memcpy(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, x + i * g.W * g.C,
-                sizeof(float) * g.W * g.C);
+    copy_masked(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, x + i * g.W * g.C,
+                m ? m + i * g.W * g.C : nullptr, g.W * g.C);
   }
   return scratch;
 }
 
+// What cnn_conv does to each output vector: add the bias (packed in NV * 8 lanes), then relu;
+// with stats, also add it and its square to the image's sums ([2][NV * 8], or nullptr).
+struct Epilogue {
+  const float* bias;
+  bool relu;
+  float* stats;
+};
+
 // XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*8].
 template <int NV, int XB>
-inline void conv_block(const Geometry& g, const float* xin, const float* wp, float* yout) {
+inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
+                       float* yout) {
   v8 acc[XB][NV];
   for (int i = 0; i < XB; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
@@ -97,9 +119,20 @@ inline void conv_block(const Geometry& g, const float* xin, const float* wp, flo
     }
   }
   const int64_t O = g.O;
+  v8 bias[NV];
+  for (int v = 0; v < NV; ++v) bias[v] = load8(e.bias + v * 8);
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
     for (int v = 0; v < NV; ++v) {
+      acc[i][v] += bias[v];
+      // jnp.maximum(y, 0): NaN stays NaN
+      if (e.relu) acc[i][v] = acc[i][v] < 0.0f ? v8{} : acc[i][v];
+      if (e.stats) {
+        float* s1 = e.stats + v * 8;
+        float* s2 = e.stats + (NV + v) * 8;
+        *reinterpret_cast<v8u*>(s1) = load8(s1) + acc[i][v];
+        *reinterpret_cast<v8u*>(s2) = load8(s2) + acc[i][v] * acc[i][v];
+      }
       if ((v + 1) * 8 <= O) {
         *reinterpret_cast<v8u*>(yo + v * 8) = acc[i][v];
       } else {
@@ -110,42 +143,30 @@ inline void conv_block(const Geometry& g, const float* xin, const float* wp, flo
 }
 
 template <int NV, int XB>
-void conv_row_tail(const Geometry& g, const float* xin, const float* wp, float* yout, int r) {
+void conv_row_tail(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
+                   float* yout, int r) {
   if constexpr (XB > 0) {
-    if (r == XB) return conv_block<NV, XB>(g, xin, wp, yout);
-    conv_row_tail<NV, XB - 1>(g, xin, wp, yout, r);
+    if (r == XB) return conv_block<NV, XB>(g, e, xin, wp, yout);
+    conv_row_tail<NV, XB - 1>(g, e, xin, wp, yout, r);
   }
 }
 
 template <int NV>
-void conv_image(const Geometry& g, const float* xin, const float* wp, float* y) {
+void conv_image(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
+                float* y) {
   constexpr int XB = std::max(1, std::min(12, (kRegs - NV - 2) / NV));
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xrow = xin + i * g.Wp * g.C;
     float* yrow = y + i * g.Wo * g.O;
     int64_t j = 0;
-    for (; j + XB <= g.Wo; j += XB) conv_block<NV, XB>(g, xrow + j * g.C, wp, yrow + j * g.O);
+    for (; j + XB <= g.Wo; j += XB)
+      conv_block<NV, XB>(g, e, xrow + j * g.C, wp, yrow + j * g.O);
     if (j < g.Wo)
-      conv_row_tail<NV, XB - 1>(g, xrow + j * g.C, wp, yrow + j * g.O, int(g.Wo - j));
+      conv_row_tail<NV, XB - 1>(g, e, xrow + j * g.C, wp, yrow + j * g.O, int(g.Wo - j));
   }
 }
 
-using ImageFn = void (*)(const Geometry&, const float*, const float*, float*);
-
-template <int NV>
-void conv_image_any(const Geometry& g, const float* xin, const float* wp, float* y) {
-  conv_image<NV>(g, xin, wp, y);
-}
-
-ImageFn pick_conv(int64_t nv) {
-  switch (nv) {
-    case 1: return conv_image_any<1>;
-    case 2: return conv_image_any<2>;
-    case 3: return conv_image_any<3>;
-    case 4: return conv_image_any<4>;
-    default: return nullptr;
-  }
-}
+using ImageFn = void (*)(const Geometry&, const Epilogue&, const float*, const float*, float*);
 
 // dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
 // input offsets from the output pixel are off[k]: TB x NV accumulators over all output pixels,
@@ -211,110 +232,403 @@ void dw_image(const Geometry& g, const float* xin, const float* gp, float* part)
 
 using DwFn = void (*)(const Geometry&, const float*, const float*, float*);
 
-DwFn pick_dw(int64_t nv) {
+// F<1> .. F<4> by the number of 8-lane output vectors; nullptr past 4.
+template <class Fn, template <int> class Table>
+Fn by_vectors(int64_t nv) {
   switch (nv) {
-    case 1: return dw_image<1>;
-    case 2: return dw_image<2>;
-    case 3: return dw_image<3>;
-    case 4: return dw_image<4>;
+    case 1: return Table<1>::fn;
+    case 2: return Table<2>::fn;
+    case 3: return Table<3>::fn;
+    case 4: return Table<4>::fn;
     default: return nullptr;
   }
+}
+template <int NV>
+struct ConvTable {
+  static constexpr ImageFn fn = conv_image<NV>;
+};
+template <int NV>
+struct DwTable {
+  static constexpr DwFn fn = dw_image<NV>;
+};
+
+// The mask source m must have x's shape when mask is set.
+bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
 int64_t workers_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t pt, int64_t pb, int64_t pl,
-                    int64_t pr) {
+                    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> m,
+                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> s, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr, bool relu, bool mask, bool stats) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("cnn_conv: expects NHWC x, HWIO w, NHWC y");
+  if (int64_t(b.element_count()) != wd[3] || (mask && !same_dims(m.dimensions(), xd)))
+    return ffi::Error::InvalidArgument("cnn_conv: expects bias (O,) and a mask source shaped as x");
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2],
              pt, pl, xd[1] + pt + pb, xd[2] + pl + pr};
   if (g.Ho != g.Hp - g.KH + 1 || g.Wo != g.Wp - g.KW + 1 || yd[0] != g.B || yd[3] != g.O)
     return ffi::Error::InvalidArgument("cnn_conv: output shape does not match the geometry");
+  if (stats && int64_t(s->element_count()) != g.B * 2 * g.O)
+    return ffi::Error::InvalidArgument("cnn_conv: expects stats shaped (B, 2, O)");
   const int64_t nv = (g.O + 7) / 8;
-  ImageFn fn = pick_conv(nv);
+  ImageFn fn = by_vectors<ImageFn, ConvTable>(nv);
   if (!fn) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
-  std::vector<float> wp(g.KH * g.KW * g.C * nv * 8, 0.0f);
+  std::vector<float> wp(g.KH * g.KW * g.C * nv * 8, 0.0f), bp(nv * 8, 0.0f);
   for (int64_t t = 0; t < g.KH * g.KW * g.C; ++t)
     std::memcpy(&wp[t * nv * 8], w.typed_data() + t * g.O, sizeof(float) * g.O);
+  std::memcpy(bp.data(), b.typed_data(), sizeof(float) * g.O);
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
-  std::vector<float> scratch(g.padded() ? workers * img : 0);
+  std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
+  std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
   const float* xs = x.typed_data();
+  const float* ms = mask ? m.typed_data() : nullptr;
   float* ys = y->typed_data();
-  auto body = [&](int64_t b, int64_t worker) {
-    const float* xin =
-        padded_image(g, xs + b * g.H * g.W * g.C, g.padded() ? &scratch[worker * img] : nullptr);
-    fn(g, xin, wp.data(), ys + b * g.Ho * g.Wo * g.O);
+  const int64_t x_img = g.H * g.W * g.C;
+  auto body = [&](int64_t i, int64_t worker) {
+    const float* xin = prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
+                                      scratch.empty() ? nullptr : &scratch[worker * img]);
+    float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
+    if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
+    fn(g, Epilogue{bp.data(), relu, image_sums}, xin, wp.data(), ys + i * g.Ho * g.Wo * g.O);
+    if (stats) {  // per image, so the bits do not depend on the threads
+      float* out = s->typed_data() + i * 2 * g.O;
+      for (int k = 0; k < 2; ++k)
+        std::memcpy(out + k * g.O, image_sums + k * nv * 8, sizeof(float) * g.O);
+    }
   };
   parallel_for(pool, g.B, workers, body);
   return ffi::Error::Success();
 }
 
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
-                      ffi::ResultBuffer<ffi::F32> dw, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr) {
+                      ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> dw,
+                      ffi::ResultBuffer<ffi::F32> db, int64_t pt, int64_t pb, int64_t pl,
+                      int64_t pr, bool mask) {
   auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
+  if (int64_t(db->element_count()) != wd[3] || (mask && !same_dims(m.dimensions(), gd)))
+    return ffi::Error::InvalidArgument("cnn_conv_dw: expects db (O,) and a mask source shaped as g");
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], gd[1], gd[2],
              pt, pl, xd[1] + pt + pb, xd[2] + pl + pr};
   if (g.Ho != g.Hp - g.KH + 1 || g.Wo != g.Wp - g.KW + 1 || gd[0] != g.B)
     return ffi::Error::InvalidArgument("cnn_conv_dw: gradient shape does not match the geometry");
   const int64_t nv = (g.O + 7) / 8;
-  DwFn fn = pick_dw(nv);
+  DwFn fn = by_vectors<DwFn, DwTable>(nv);
   if (!fn) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
   const int64_t workers = workers_of(pool);
-  const int64_t taps = g.KH * g.KW * g.C * nv * 8;
-  const bool ragged = g.O % 8 != 0;
+  const int64_t dw_size = g.KH * g.KW * g.C * nv * 8;
+  const int64_t taps = dw_size + nv * 8;  // per group: dw, then db
+  const bool ragged = g.O % 8 != 0, copy_g = ragged || mask;
   const int64_t img = g.padded_image_size(), gimg = g.Ho * g.Wo * nv * 8;
   // Partial sums per fixed group of images, added in a fixed order: the result does not
   // depend on which thread took which group, nor on the number of threads.
   const int64_t groups = (g.B + kDwGroup - 1) / kDwGroup;
   std::vector<float> part(groups * taps, 0.0f);
   std::vector<float> scratch(g.padded() ? workers * img : 0);
-  std::vector<float> gscratch(ragged ? workers * gimg : 0);
+  std::vector<float> gscratch(copy_g ? workers * gimg : 0);
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
+  const float* ms = mask ? m.typed_data() : nullptr;
+  const int64_t g_img = g.Ho * g.Wo * g.O;
   auto body = [&](int64_t group, int64_t worker) {
+    float* part_g = &part[group * taps];
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
-      const float* xin = padded_image(g, xs + b * g.H * g.W * g.C,
-                                      g.padded() ? &scratch[worker * img] : nullptr);
-      const float* gp = gs + b * g.Ho * g.Wo * g.O;
-      if (ragged) {
+      const float* xin = prepared_image(g, xs + b * g.H * g.W * g.C, nullptr,
+                                        g.padded() ? &scratch[worker * img] : nullptr);
+      const float* gp = gs + b * g_img;
+      if (copy_g) {
         float* dst = &gscratch[worker * gimg];
-        std::fill(dst, dst + gimg, 0.0f);
+        if (ragged) std::fill(dst, dst + gimg, 0.0f);
+        const float* mp = ms ? ms + b * g_img : nullptr;
         for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
-          std::memcpy(dst + k * nv * 8, gp + k * g.O, sizeof(float) * g.O);
+          copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
         gp = dst;
       }
-      fn(g, xin, gp, &part[group * taps]);
+      fn(g, xin, gp, part_g);
+      float* db_part = part_g + dw_size;  // the bias gradient: g summed over the pixels
+      for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
+        for (int64_t o = 0; o < nv * 8; ++o) db_part[o] += gp[k * nv * 8 + o];
     }
   };
   parallel_for(pool, groups, workers, body);
   float* out = dw->typed_data();
-  for (int64_t t = 0; t < g.KH * g.KW * g.C; ++t)
+  float* out_b = db->typed_data();
+  for (int64_t t = 0; t <= g.KH * g.KW * g.C; ++t)
     for (int64_t o = 0; o < g.O; ++o) {
       float s = 0.0f;
       for (int64_t k = 0; k < groups; ++k) s += part[k * taps + t * nv * 8 + o];
-      out[t * g.O + o] = s;
+      (t < g.KH * g.KW * g.C ? out[t * g.O + o] : out_b[o]) = s;
     }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------- batch norm, then max pool
+// Training's batch norm z = a * inv + shift (per channel) followed by a max pool over
+// non-overlapping KH x KW windows (VALID: rows and columns past the last window are unused).
+// cnn_bn_pool:       p = the first maximum of z in each window (row-major order, as
+//                    lax.reduce_window's derivative takes it); idx = its place in the window.
+// cnn_bn_pool_sums:  per image and channel, sum g and sum g * (a - mean) at those places:
+//                    batch norm's two reductions of its output gradient, which is zero elsewhere.
+// cnn_bn_pool_grad:  d = (gz * inv + c1 + a * c2) * w[b], gz = g at the place, 0 elsewhere:
+//                    batch norm's input gradient, with c1 and c2 computed from the sums.
+struct PoolGeometry {
+  int64_t B, H, W, C, KH, KW, Ho, Wo;
+  int64_t window(int64_t i, int64_t j) const { return (i * KH * W + j * KW) * C; }
+  std::vector<int64_t> places() const {  // offset of each place in a window from its first
+    std::vector<int64_t> off(KH * KW);
+    for (int64_t k = 0; k < KH * KW; ++k) off[k] = ((k / KW) * W + k % KW) * C;
+    return off;
+  }
+};
+
+ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> pd, int64_t kh,
+                         int64_t kw, PoolGeometry& g) {
+  if (ad.size() != 4 || pd.size() != 4 || kh < 1 || kw < 1 || kh * kw > 255)
+    return ffi::Error::InvalidArgument("cnn_bn_pool: expects NHWC arrays, windows of 1-255");
+  if (ad[3] % 8 != 0 || ad[3] < 8 || ad[3] > 32)
+    return ffi::Error::InvalidArgument("cnn_bn_pool: expects 8, 16, 24 or 32 channels");
+  g = PoolGeometry{ad[0], ad[1], ad[2], ad[3], kh, kw, ad[1] / kh, ad[2] / kw};
+  if (pd[0] != g.B || pd[1] != g.Ho || pd[2] != g.Wo || pd[3] != g.C)
+    return ffi::Error::InvalidArgument("cnn_bn_pool: pooled shape does not match the input");
+  return ffi::Error::Success();
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+inline v8i load_places(const uint8_t* p) {
+  u8x8 b;
+  std::memcpy(&b, p, 8);
+  return __builtin_convertvector(b, v8i);
+}
+
+// The channels are NV vectors of 8 (C = 8 * NV): each window is a few vector operations.
+template <int NV>
+void bn_pool_image(const PoolGeometry& g, const int64_t* off, const float* ab, const float* iv,
+                   const float* sh, float* pb, uint8_t* ib) {
+  const int64_t C = g.C, K = g.KH * g.KW;
+  for (int64_t i = 0; i < g.Ho; ++i)
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      const float* aw = ab + g.window(i, j);
+      const int64_t o = (i * g.Wo + j) * C;
+      for (int v = 0; v < NV; ++v) {
+        const v8 inv = load8(iv + 8 * v), shift = load8(sh + 8 * v);
+        v8 best = load8(aw + off[0] + 8 * v) * inv + shift;
+        v8i at = v8i{};
+        for (int64_t k = 1; k < K; ++k) {
+          const v8 z = load8(aw + off[k] + 8 * v) * inv + shift;
+          const v8i more = z > best;  // strictly: the first maximum keeps its place
+          best = more ? z : best;
+          at = more ? v8i{} + int32_t(k) : at;
+        }
+        *reinterpret_cast<v8u*>(pb + o + 8 * v) = best;
+        const u8x8 at8 = __builtin_convertvector(at, u8x8);
+        std::memcpy(ib + o + 8 * v, &at8, 8);
+      }
+    }
+}
+
+template <int NV>
+void bn_pool_sums_image(const PoolGeometry& g, const int64_t* off, const float* gb,
+                        const uint8_t* ib, const float* ab, const float* mu, float* sb) {
+  const int64_t C = g.C, K = g.KH * g.KW;
+  v8 s_g[NV], s_ga[NV];
+  for (int v = 0; v < NV; ++v) s_g[v] = s_ga[v] = v8{};
+  for (int64_t i = 0; i < g.Ho; ++i)
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      const float* aw = ab + g.window(i, j);
+      const int64_t o = (i * g.Wo + j) * C;
+      for (int v = 0; v < NV; ++v) {
+        const v8i at = load_places(ib + o + 8 * v);
+        v8 a_at = v8{};
+        for (int64_t k = 0; k < K; ++k)
+          a_at = at == int32_t(k) ? load8(aw + off[k] + 8 * v) : a_at;
+        const v8 gv = load8(gb + o + 8 * v);
+        s_g[v] += gv;
+        s_ga[v] += gv * (a_at - load8(mu + 8 * v));
+      }
+    }
+  for (int v = 0; v < NV; ++v) {
+    *reinterpret_cast<v8u*>(sb + 8 * v) = s_g[v];
+    *reinterpret_cast<v8u*>(sb + C + 8 * v) = s_ga[v];
+  }
+}
+
+template <int NV>
+void bn_pool_grad_image(const PoolGeometry& g, const int64_t* off, const float* gb,
+                        const uint8_t* ib, const float* ab, const float* iv, const float* k1,
+                        const float* k2, float w, float* db) {
+  const int64_t C = g.C, K = g.KH * g.KW;
+  for (int64_t t = 0; t < g.H * g.W * C; t += C)  // every place, in a window or not
+    for (int v = 0; v < NV; ++v)
+      *reinterpret_cast<v8u*>(db + t + 8 * v) =
+          (load8(k1 + 8 * v) + load8(ab + t + 8 * v) * load8(k2 + 8 * v)) * w;
+  for (int64_t i = 0; i < g.Ho; ++i)  // then each window's pooled gradient, at its place
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      float* dw = db + g.window(i, j);
+      const int64_t o = (i * g.Wo + j) * C;
+      for (int v = 0; v < NV; ++v) {
+        const v8i at = load_places(ib + o + 8 * v);
+        const v8 gz = load8(gb + o + 8 * v) * load8(iv + 8 * v);
+        for (int64_t k = 0; k < K; ++k) {
+          float* dk = dw + off[k] + 8 * v;
+          *reinterpret_cast<v8u*>(dk) = load8(dk) + (at == int32_t(k) ? gz : v8{});
+        }
+      }
+    }
+}
+
+ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> inv,
+                      ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> p,
+                      ffi::ResultBuffer<ffi::U8> idx, int64_t kh, int64_t kw) {
+  PoolGeometry g;
+  if (auto e = pool_geometry(a.dimensions(), p->dimensions(), kh, kw, g); e.failure()) return e;
+  const std::vector<int64_t> off = g.places();
+  const float *as = a.typed_data(), *iv = inv.typed_data(), *sh = shift.typed_data();
+  float* ps = p->typed_data();
+  uint8_t* is = idx->typed_data();
+  const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
+  auto body = [&](int64_t b, int64_t) {
+    const float* ab = as + b * n_in;
+    switch (g.C / 8) {
+      case 1: return bn_pool_image<1>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+      case 2: return bn_pool_image<2>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+      case 3: return bn_pool_image<3>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+      default: return bn_pool_image<4>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+    }
+  };
+  parallel_for(pool, g.B, workers_of(pool), body);
+  return ffi::Error::Success();
+}
+
+ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::U8> idx,
+                          ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> s, int64_t kh, int64_t kw) {
+  PoolGeometry g;
+  if (auto e = pool_geometry(a.dimensions(), gp.dimensions(), kh, kw, g); e.failure()) return e;
+  if (int64_t(s->element_count()) != g.B * 2 * g.C)
+    return ffi::Error::InvalidArgument("cnn_bn_pool_sums: expects sums shaped (B, 2, C)");
+  const std::vector<int64_t> off = g.places();
+  const float *gs = gp.typed_data(), *as = a.typed_data(), *mu = mean.typed_data();
+  const uint8_t* is = idx.typed_data();
+  float* ss = s->typed_data();
+  const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
+  auto body = [&](int64_t b, int64_t) {  // per image: the bits do not depend on the threads
+    const float *gb = gs + b * n_out, *ab = as + b * n_in;
+    const uint8_t* ib = is + b * n_out;
+    float* sb = ss + b * 2 * g.C;
+    switch (g.C / 8) {
+      case 1: return bn_pool_sums_image<1>(g, off.data(), gb, ib, ab, mu, sb);
+      case 2: return bn_pool_sums_image<2>(g, off.data(), gb, ib, ab, mu, sb);
+      case 3: return bn_pool_sums_image<3>(g, off.data(), gb, ib, ab, mu, sb);
+      default: return bn_pool_sums_image<4>(g, off.data(), gb, ib, ab, mu, sb);
+    }
+  };
+  parallel_for(pool, g.B, workers_of(pool), body);
+  return ffi::Error::Success();
+}
+
+ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::U8> idx,
+                          ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> inv,
+                          ffi::Buffer<ffi::F32> c1, ffi::Buffer<ffi::F32> c2,
+                          ffi::Buffer<ffi::F32> wb, ffi::ResultBuffer<ffi::F32> d, int64_t kh,
+                          int64_t kw) {
+  PoolGeometry g;
+  if (auto e = pool_geometry(a.dimensions(), gp.dimensions(), kh, kw, g); e.failure()) return e;
+  if (!same_dims(d->dimensions(), a.dimensions()) || int64_t(wb.element_count()) != g.B)
+    return ffi::Error::InvalidArgument("cnn_bn_pool_grad: expects d shaped as a, w as (B,)");
+  const std::vector<int64_t> off = g.places();
+  const float *gs = gp.typed_data(), *as = a.typed_data(), *iv = inv.typed_data();
+  const float *k1 = c1.typed_data(), *k2 = c2.typed_data(), *ws = wb.typed_data();
+  const uint8_t* is = idx.typed_data();
+  float* ds = d->typed_data();
+  const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
+  auto body = [&](int64_t b, int64_t) {
+    const float *gb = gs + b * n_out, *ab = as + b * n_in;
+    const uint8_t* ib = is + b * n_out;
+    float* db = ds + b * n_in;
+    switch (g.C / 8) {
+      case 1: return bn_pool_grad_image<1>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
+      case 2: return bn_pool_grad_image<2>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
+      case 3: return bn_pool_grad_image<3>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
+      default: return bn_pool_grad_image<4>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
+    }
+  };
+  parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define CNN_BIND                                                                       \
-  ffi::Ffi::Bind()                                                                     \
-      .Ctx<ffi::ThreadPool>()                                                          \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                    \
-      .Arg<ffi::Buffer<ffi::F32>>()                                                    \
-      .Ret<ffi::Buffer<ffi::F32>>()                                                    \
-      .Attr<int64_t>("pad_top")                                                        \
-      .Attr<int64_t>("pad_bottom")                                                     \
-      .Attr<int64_t>("pad_left")                                                       \
+#define CNN_PADS                   \
+  .Attr<int64_t>("pad_top")        \
+      .Attr<int64_t>("pad_bottom") \
+      .Attr<int64_t>("pad_left")   \
       .Attr<int64_t>("pad_right")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl, CNN_BIND);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl, CNN_BIND);
+// x, w, bias, mask source -> y, per-image sums of y and y^2 (B, 2, O; written with stats)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
+                                  .Attr<bool>("relu")
+                                  .Attr<bool>("mask")
+                                  .Attr<bool>("stats"));
+// x, g, mask source -> dw, db
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
+                                  .Attr<bool>("mask"));
+
+// a, inv, shift -> pooled, place of each window's maximum
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw"));
+// pooled gradient, places, a, mean -> per-image sums (B, 2, C)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolSums, BnPoolSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw"));
+// pooled gradient, places, a, inv, c1, c2, row weights -> the gradient in a
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw"));
