@@ -15,6 +15,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -399,6 +400,17 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
   return ffi::Error::Success();
 }
 
+// f(std::integral_constant<int, NV>{}) for NV = C / 8 in 1..4 (checked by pool_geometry).
+template <class F>
+void with_vectors(int64_t C, F&& f) {
+  switch (C / 8) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
@@ -496,12 +508,9 @@ ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
   auto body = [&](int64_t b, int64_t) {
     const float* ab = as + b * n_in;
-    switch (g.C / 8) {
-      case 1: return bn_pool_image<1>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
-      case 2: return bn_pool_image<2>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
-      case 3: return bn_pool_image<3>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
-      default: return bn_pool_image<4>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
-    }
+    with_vectors(g.C, [&](auto nv) {
+      bn_pool_image<nv>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+    });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
@@ -523,12 +532,7 @@ ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
     const float *gb = gs + b * n_out, *ab = as + b * n_in;
     const uint8_t* ib = is + b * n_out;
     float* sb = ss + b * 2 * g.C;
-    switch (g.C / 8) {
-      case 1: return bn_pool_sums_image<1>(g, off.data(), gb, ib, ab, mu, sb);
-      case 2: return bn_pool_sums_image<2>(g, off.data(), gb, ib, ab, mu, sb);
-      case 3: return bn_pool_sums_image<3>(g, off.data(), gb, ib, ab, mu, sb);
-      default: return bn_pool_sums_image<4>(g, off.data(), gb, ib, ab, mu, sb);
-    }
+    with_vectors(g.C, [&](auto nv) { bn_pool_sums_image<nv>(g, off.data(), gb, ib, ab, mu, sb); });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
@@ -553,12 +557,9 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
     const float *gb = gs + b * n_out, *ab = as + b * n_in;
     const uint8_t* ib = is + b * n_out;
     float* db = ds + b * n_in;
-    switch (g.C / 8) {
-      case 1: return bn_pool_grad_image<1>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
-      case 2: return bn_pool_grad_image<2>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
-      case 3: return bn_pool_grad_image<3>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
-      default: return bn_pool_grad_image<4>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
-    }
+    with_vectors(g.C, [&](auto nv) {
+      bn_pool_grad_image<nv>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
+    });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
