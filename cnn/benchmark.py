@@ -10,7 +10,9 @@ two FLOPs).
 
 With `peer="torch"` the same architecture is translated layer by layer to PyTorch
 (`to_torch`), trained with the same batch size, optimizer, learning rate, loss, data shape,
-preprocessing and augmentation for the same number of steps, and timed the same way. torch is
+preprocessing and augmentation for the same number of steps, and timed the same way, in rounds
+that alternate with ours (`PEER_ROUNDS`), so that the ratio compares the two at the same minutes
+of the machine. torch is
 imported only then: `cnn` does not require it. On a machine busy with other work, torch's
 default OpenMP spin-waiting with 2 threads can slow it many-fold; `OMP_WAIT_POLICY=PASSIVE` in
 the environment avoids that (recorded in the result as omp_wait_policy), as does an idle machine.
@@ -54,6 +56,9 @@ Array = jax.Array
 # development machine turned out to be a 2-core Zen 5 with AVX-512, where XLA's fp32 matmul
 # alone runs at 385-473 GFLOP/s (BENCHMARKS.md).
 NOMINAL_PEAK_GFLOPS = 157.0
+# With a peer, our timed chunks and the peer's steps alternate in up to this many rounds: a
+# machine whose speed swings from minute to minute then slows both alike (BENCHMARKS.md).
+PEER_ROUNDS = 4
 MATMUL_N = 2048
 IMAGE_SHAPE_HWC = (28, 28, 1)  # MNIST
 NUM_CLASSES = 10
@@ -224,13 +229,23 @@ def _chunk_inputs(n: int, batch_size: int, chunk: int, n_chunks: int, seed: int)
 
 
 def _time_ours(
-    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, profile: bool
+    config,
+    model: Sequential,
+    images_NHWC,
+    labels_N,
+    steps: int,
+    warmup: int,
+    profile: bool,
+    make_peer: Callable[[], TorchPeer] | None = None,
 ):
     """(seconds for the timed steps, timed steps, compile seconds, params, peak RSS in MB,
-    profile or None).
+    profile or None, the peer's seconds or None).
 
-    The RSS is read after the timed steps; profile=True then runs one more chunk under the
-    profiler (`cnn.step_profile`), which itself needs memory.
+    make_peer: builds the peer after our warm-up; it warms up too, then our timed chunks run in
+    up to PEER_ROUNDS rounds, each followed by as many of the peer's steps, so that both see the
+    same minutes of the machine. The RSS is read after the timed steps, or with a peer before it
+    is built (after our warm-up); profile=True then runs one more chunk under the profiler
+    (`cnn.step_profile`), which itself needs memory.
     """
     chunk = train.dispatch_steps(config, steps)
     n_timed = -(-steps // chunk)
@@ -249,12 +264,24 @@ def _time_ours(
     for chunk_args in chunks[:n_warm]:
         state, metrics = compiled(state, *data, *chunk_args)
     jax.block_until_ready((state, metrics) if n_warm else state)
-    t = time.perf_counter()
-    for chunk_args in chunks[n_warm : n_warm + n_timed]:
-        state, metrics = compiled(state, *data, *chunk_args)
-    jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - t
-    rss_mb = peak_rss_mb()
+    peer, peer_seconds, rss_mb = None, None, None
+    if make_peer is not None:
+        rss_mb = peak_rss_mb()  # ours alone: torch's memory would count once it is built
+        peer, peer_seconds = make_peer(), 0.0
+        peer.run(warmup)
+    timed = chunks[n_warm : n_warm + n_timed]
+    rounds = min(PEER_ROUNDS, n_timed) if peer is not None else 1
+    seconds = 0.0
+    for r in range(rounds):
+        part = timed[r * n_timed // rounds : (r + 1) * n_timed // rounds]
+        t = time.perf_counter()
+        for chunk_args in part:
+            state, metrics = compiled(state, *data, *chunk_args)
+        jax.block_until_ready((state, metrics))
+        seconds += time.perf_counter() - t
+        if peer is not None:
+            peer_seconds += peer.run(len(part) * chunk)
+    rss_mb = peak_rss_mb() if rss_mb is None else rss_mb
     profiled = None
     if profile:
         shapes = model.output_shapes((1, *images_NHWC.shape[1:]))
@@ -268,7 +295,7 @@ def _time_ours(
     loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training diverged while benchmarking: loss {loss}")
-    return seconds, n_timed * chunk, compile_s, params, rss_mb, profiled
+    return seconds, n_timed * chunk, compile_s, params, rss_mb, profiled, peer_seconds
 
 
 def benchmark(
@@ -301,14 +328,21 @@ def benchmark(
     macs = forward_macs(model)
     images_NHWC, labels_N = synthetic_mnist(seed=config.seed)
 
-    seconds, timed_steps, compile_s, params, rss_mb, profiled = _time_ours(
-        config, model, images_NHWC, labels_N, steps, warmup, profile
+    device = jax.devices()[0]
+    peer_device = torch_device(device.platform) if peer == "torch" else None
+    make_peer = None
+    if peer == "torch":
+
+        def make_peer():
+            return TorchPeer(config, model, images_NHWC, labels_N, peer_device)
+
+    seconds, timed_steps, compile_s, params, rss_mb, profiled, peer_seconds = _time_ours(
+        config, model, images_NHWC, labels_N, steps, warmup, profile, make_peer
     )
     images_per_s = timed_steps * config.batch_size / seconds
     gflops = training_gflops(macs, images_per_s)
     measured_peak = matmul_gflops()
     peak = measured_peak if peak_gflops is None else peak_gflops
-    device = jax.devices()[0]
     result: dict[str, Any] = {
         "config": config_name if config_name is not None else config.model,
         "model": config.model,
@@ -347,10 +381,6 @@ def benchmark(
             else None,
         }
     if peer == "torch":
-        peer_device = torch_device(device.platform)
-        peer_seconds = time_torch(
-            config, model, images_NHWC, labels_N, timed_steps, warmup, peer_device
-        )
         peer_images_per_s = timed_steps * config.batch_size / peer_seconds
         result.update(
             peer_images_per_s=peer_images_per_s,
@@ -360,6 +390,7 @@ def benchmark(
             ratio=images_per_s / peer_images_per_s,
             peer_device=peer_device,
             peer_threads=2 if peer_device == "cpu" else None,
+            peer_rounds=min(PEER_ROUNDS, timed_steps // train.dispatch_steps(config, steps)),
             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
         )
     return result
@@ -553,56 +584,71 @@ def torch_device(platform: str) -> str:
     return "cuda"
 
 
-def time_torch(
-    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, device: str = "cpu"
-) -> float:
-    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones.
+class TorchPeer:
+    """The same network, optimizer, data and augmentation trained with PyTorch, step by step.
 
     device "cpu" uses 2 threads; "cuda" keeps the data on the GPU and lets cuDNN pick its
     algorithms (`cudnn.benchmark`), as a PyTorch user on a GPU would.
     """
-    import torch
-    import torch.nn.functional as F
 
-    if device == "cpu":
-        torch.set_num_threads(2)
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(config.seed)
-    net = to_torch(model).to(device)
-    x_spec = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE_HWC), np.float32)
-    ours = train.num_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x_spec)["params"])
-    if torch_num_params(net) != ours:
-        raise AssertionError(f"torch model has {torch_num_params(net)} parameters, ours {ours}")
-    net.train()
-    opt = _torch_optimizer(config, [p for p in net.parameters() if p.requires_grad])
-    images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
-    images_NCHW = images_NCHW.to(device)
-    labels = torch.from_numpy(labels_N.astype(np.int64)).to(device)
-    rot, shift = config.augment.rotation_deg, config.augment.translation_px
-    n, batch_size = len(labels), config.batch_size
+    def __init__(self, config, model: Sequential, images_NHWC, labels_N, device: str = "cpu"):
+        import torch
 
-    def step():
-        idx_B = torch.randint(0, n, (batch_size,), device=device)
-        x = images_NCHW[idx_B].float().div_(255.0)
+        if device == "cpu":
+            torch.set_num_threads(2)
+        else:
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(config.seed)
+        self.config, self.device, self.torch = config, device, torch
+        self.net = to_torch(model).to(device)
+        x_spec = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE_HWC), np.float32)
+        ours = train.num_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x_spec)["params"])
+        if torch_num_params(self.net) != ours:
+            raise AssertionError(
+                f"torch model has {torch_num_params(self.net)} parameters, ours {ours}"
+            )
+        self.net.train()
+        self.opt = _torch_optimizer(config, [p for p in self.net.parameters() if p.requires_grad])
+        images_NCHW = torch.from_numpy(np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2)))
+        self.images_NCHW = images_NCHW.to(device)
+        self.labels = torch.from_numpy(labels_N.astype(np.int64)).to(device)
+
+    def _step(self):
+        import torch.nn.functional as F
+
+        torch, config = self.torch, self.config
+        rot, shift = config.augment.rotation_deg, config.augment.translation_px
+        idx_B = torch.randint(0, len(self.labels), (config.batch_size,), device=self.device)
+        x = self.images_NCHW[idx_B].float().div_(255.0)
         if rot or shift:
             x = _torch_augment(x, rot, shift)  # black is 0 before normalizing, as ours after
         x = x.sub_(augment.MNIST_MEAN).div_(augment.MNIST_STD)
-        loss = F.cross_entropy(net(x), labels[idx_B], label_smoothing=config.label_smoothing)
-        opt.zero_grad(set_to_none=True)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, self.labels[idx_B], label_smoothing=config.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         return loss
 
-    for _ in range(warmup):
-        step()
-    if device != "cpu":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    loss = float(loss.detach())  # waits for the device
-    seconds = time.perf_counter() - t
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"torch training diverged while benchmarking: loss {loss}")
-    return seconds
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` training steps, the device's work included."""
+        if self.device != "cpu":
+            self.torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = None
+        for _ in range(steps):
+            loss = self._step()
+        loss = float(loss.detach()) if loss is not None else 0.0  # waits for the device
+        seconds = time.perf_counter() - t
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"torch training diverged while benchmarking: loss {loss}")
+        return seconds
+
+
+def time_torch(
+    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, device: str = "cpu"
+) -> float:
+    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones."""
+    peer = TorchPeer(config, model, images_NHWC, labels_N, device)
+    peer.run(warmup)
+    return peer.run(steps)

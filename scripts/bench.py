@@ -15,7 +15,9 @@ from cnn import benchmark, train  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.", lock_config=True)
 _PEER = flags.DEFINE_enum("peer", None, ["torch"], "Also time the same network in this framework.")
 _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON object on stdout.")
-_STEPS = flags.DEFINE_integer("steps", 256, "Timed training steps (whole dispatch chunks).")
+_STEPS = flags.DEFINE_integer(
+    "steps", 512, "Timed training steps (whole dispatch chunks; with a peer, in rounds)."
+)
 _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "Also profile one chunk: step time by kind of op and by layer."

@@ -108,6 +108,45 @@ def test_benchmark_numbers(peer):
     assert set(benchmark.REQUIRED_KEYS) <= set(result)
 
 
+def test_peer_runs_in_rounds_between_our_chunks(monkeypatch):
+    """Warm-up, then one round of the peer's steps after each round of our timed chunks."""
+    calls = []
+    real_run = benchmark.TorchPeer.run
+
+    def run(self, steps):
+        calls.append(("peer", steps))
+        return real_run(self, steps)
+
+    monkeypatch.setattr(benchmark.TorchPeer, "run", run)
+    real_make = train.make_train_steps
+
+    def make_train_steps(*a, **k):
+        jitted = real_make(*a, **k)
+
+        class Counting:
+            def lower(self, *args):
+                compiled = jitted.lower(*args).compile()
+
+                class Lowered:
+                    def compile(self):
+                        def call(*xs):
+                            calls.append(("ours", 2))
+                            return compiled(*xs)
+
+                        return call
+
+                return Lowered()
+
+        return Counting()
+
+    monkeypatch.setattr(train, "make_train_steps", make_train_steps)
+    config = _small_config()
+    result = benchmark.benchmark(config, steps=8, warmup=2, peer="torch")
+    assert result["steps"] == 8 and result["peer_rounds"] == 4
+    # our warm-up chunk, the peer's warm-up, then four rounds of one chunk (2 steps) each
+    assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2), ("peer", 2)] * 4
+
+
 def test_torch_peer_device_follows_ours(monkeypatch):
     assert benchmark.torch_device("cpu") == "cpu" and benchmark.torch_device("tpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
