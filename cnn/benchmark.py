@@ -56,8 +56,8 @@ Array = jax.Array
 # development machine turned out to be a 2-core Zen 5 with AVX-512, where XLA's fp32 matmul
 # alone runs at 385-473 GFLOP/s (BENCHMARKS.md).
 NOMINAL_PEAK_GFLOPS = 157.0
-# With a peer, our timed chunks and the peer's steps alternate in up to this many rounds: a
-# machine whose speed swings from minute to minute then slows both alike (BENCHMARKS.md).
+# With a peer, our timed chunks and the peer's steps alternate in up to this many rounds by
+# default: a machine whose speed swings from minute to minute then slows both alike.
 PEER_ROUNDS = 4
 MATMUL_N = 2048
 IMAGE_SHAPE_HWC = (28, 28, 1)  # MNIST
@@ -237,12 +237,13 @@ def _time_ours(
     warmup: int,
     profile: bool,
     make_peer: Callable[[], TorchPeer] | None = None,
+    peer_rounds: int = PEER_ROUNDS,
 ):
     """(seconds for the timed steps, timed steps, compile seconds, params, peak RSS in MB,
     profile or None, the peer's seconds or None).
 
     make_peer: builds the peer after our warm-up; it warms up too, then our timed chunks run in
-    up to PEER_ROUNDS rounds, each followed by as many of the peer's steps, so that both see the
+    up to peer_rounds rounds, each followed by as many of the peer's steps, so that both see the
     same minutes of the machine. The RSS is read after the timed steps, or with a peer before it
     is built (after our warm-up); profile=True then runs one more chunk under the profiler
     (`cnn.step_profile`), which itself needs memory.
@@ -270,7 +271,7 @@ def _time_ours(
         peer, peer_seconds = make_peer(), 0.0
         peer.run(warmup)
     timed = chunks[n_warm : n_warm + n_timed]
-    rounds = min(PEER_ROUNDS, n_timed) if peer is not None else 1
+    rounds = min(peer_rounds, n_timed) if peer is not None else 1
     seconds = 0.0
     for r in range(rounds):
         part = timed[r * n_timed // rounds : (r + 1) * n_timed // rounds]
@@ -307,11 +308,13 @@ def benchmark(
     peak_gflops: float | None = None,
     config_name: str | None = None,
     profile: bool = False,
+    peer_rounds: int = PEER_ROUNDS,
 ) -> dict[str, Any]:
     """Training throughput of config's network at its batch size; see the module docstring.
 
     steps: timed training steps (rounded up to whole chunks of config.steps_per_dispatch);
-    warmup: untimed steps run first, after compilation. peer: None or "torch".
+    warmup: untimed steps run first, after compilation. peer: None or "torch", timed in up to
+    peer_rounds rounds alternating with ours (1: all of ours, then all of the peer's).
     peak_gflops: the machine's peak; None measures it (`matmul_gflops`, in this run).
     peak_rss_mb is read after our timed steps, before any profiling and before the peer runs;
     peer_peak_rss_mb (the process's peak after it) includes ours. profile=True adds "profile":
@@ -319,6 +322,8 @@ def benchmark(
     """
     if peer not in (None, "torch"):
         raise ArgumentError(f"peer must be None or 'torch', got {peer!r}")
+    if peer_rounds < 1:
+        raise ArgumentError(f"peer_rounds must be >= 1, got {peer_rounds}")
     if steps < 1 or warmup < 0:
         raise ArgumentError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     if peak_gflops is not None and not peak_gflops > 0:
@@ -337,7 +342,7 @@ def benchmark(
             return TorchPeer(config, model, images_NHWC, labels_N, peer_device)
 
     seconds, timed_steps, compile_s, params, rss_mb, profiled, peer_seconds = _time_ours(
-        config, model, images_NHWC, labels_N, steps, warmup, profile, make_peer
+        config, model, images_NHWC, labels_N, steps, warmup, profile, make_peer, peer_rounds
     )
     images_per_s = timed_steps * config.batch_size / seconds
     gflops = training_gflops(macs, images_per_s)
@@ -390,7 +395,7 @@ def benchmark(
             ratio=images_per_s / peer_images_per_s,
             peer_device=peer_device,
             peer_threads=2 if peer_device == "cpu" else None,
-            peer_rounds=min(PEER_ROUNDS, timed_steps // train.dispatch_steps(config, steps)),
+            peer_rounds=min(peer_rounds, timed_steps // train.dispatch_steps(config, steps)),
             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
         )
     return result
@@ -572,10 +577,10 @@ def _torch_augment(x_BCHW, max_rotation_deg: float, max_translation_px: float):
 
 def torch_device(platform: str) -> str:
     """The peer's device for ours on `platform`: CUDA beside a GPU, else the CPU."""
+    if platform != "gpu":
+        return "cpu"  # without importing torch: its memory would count in our peak RSS
     import torch
 
-    if platform != "gpu":
-        return "cpu"
     if not torch.cuda.is_available():
         raise ArgumentError(
             "JAX runs on a GPU but this torch has no CUDA: the ratio would compare a GPU with a"

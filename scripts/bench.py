@@ -19,6 +19,11 @@ _STEPS = flags.DEFINE_integer(
     "steps", 512, "Timed training steps (whole dispatch chunks; with a peer, in rounds)."
 )
 _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
+_ROUNDS = flags.DEFINE_integer(
+    "peer_rounds",
+    4,
+    "With --peer: rounds alternating our steps and the peer's (1: ours, then its).",
+)
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "Also profile one chunk: step time by kind of op and by layer."
 )
@@ -92,6 +97,7 @@ def main(argv):
             peak_gflops=_PEAK.value,
             config_name=_config_name(sys.argv[1:]),
             profile=_PROFILE.value,
+            peer_rounds=_ROUNDS.value,
         )
     except (*train.USER_ERRORS, benchmark.TranslationError, benchmark.ArgumentError) as e:
         sys.exit(f"error: {e}")

@@ -145,6 +145,10 @@ def test_peer_runs_in_rounds_between_our_chunks(monkeypatch):
     assert result["steps"] == 8 and result["peer_rounds"] == 4
     # our warm-up chunk, the peer's warm-up, then four rounds of one chunk (2 steps) each
     assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2), ("peer", 2)] * 4
+    calls.clear()  # peer_rounds=1: all of ours, then all of the peer's
+    result = benchmark.benchmark(config, steps=8, warmup=2, peer="torch", peer_rounds=1)
+    assert result["peer_rounds"] == 1
+    assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2)] * 4 + [("peer", 8)]
 
 
 def test_torch_peer_device_follows_ours(monkeypatch):
@@ -182,7 +186,11 @@ def test_host_cpu_names_the_processor():
 
 @pytest.mark.parametrize(
     "flag,message",
-    [("--steps=0", "need steps >= 1"), ("--peak_gflops=-1", "peak_gflops must be > 0")],
+    [
+        ("--steps=0", "need steps >= 1"),
+        ("--peak_gflops=-1", "peak_gflops must be > 0"),
+        ("--peer_rounds=0", "peer_rounds must be >= 1"),
+    ],
 )
 def test_script_bad_arguments_are_one_line_errors(flag, message):
     cmd = [
