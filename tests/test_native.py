@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,6 +197,15 @@ def test_disabled_by_environment_falls_back_and_explains(monkeypatch):
         native.NativeError, match=r"unavailable: disabled by CNN_NATIVE=0.*impl='auto'"
     ):
         layers.conv2d(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8)), impl="native")
+    # the fused layers fall back to XLA's: the same calls give the unfused results
+    x, c8 = jnp.asarray(_rand(17, (2, 6, 6, 8))), jnp.ones(8)
+    y, sums = layers.conv2d(x, jnp.asarray(_rand(18, (3, 3, 8, 8))), activation="relu", stats=True)
+    assert sums is None and float(jnp.min(y)) == 0.0
+    got = layers.batch_norm_max_pool(y, c8, c8, c8, c8, 2, train=True)
+    want = layers.batch_norm_max_pool(y, c8, c8, c8, c8, 2, train=True, impl="xla")
+    chex.assert_trees_all_equal(got, want)
+    with pytest.raises(native.NativeError, match="unavailable: disabled by CNN_NATIVE=0"):
+        layers.batch_norm_max_pool(y, c8, c8, c8, c8, 2, train=True, impl="native")
 
 
 def test_missing_compiler_is_named(monkeypatch):
