@@ -27,6 +27,7 @@ from cnn.geometry import Geometry
 from cnn.layers import (
     avg_pool,
     batch_norm,
+    batch_norm_max_pool,
     conv2d,
     conv2d_shape,
     dropout,
@@ -101,6 +102,7 @@ __all__ = [
     "activations",
     "avg_pool",
     "batch_norm",
+    "batch_norm_max_pool",
     "conv2d",
     "conv2d_shape",
     "dropout",
