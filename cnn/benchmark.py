@@ -316,8 +316,9 @@ def benchmark(
     warmup: untimed steps run first, after compilation. peer: None or "torch", timed in up to
     peer_rounds rounds alternating with ours (1: all of ours, then all of the peer's).
     peak_gflops: the machine's peak; None measures it (`matmul_gflops`, in this run).
-    peak_rss_mb is read after our timed steps, before any profiling and before the peer runs;
-    peer_peak_rss_mb (the process's peak after it) includes ours. profile=True adds "profile":
+    peak_rss_mb is ours: read after our timed steps (with a peer, after our warm-up, before
+    the peer is built), before any profiling; peer_peak_rss_mb (the process's peak at the end)
+    includes ours. profile=True adds "profile":
     where one more chunk's step time goes (`cnn.step_profile.StepProfile.as_dict`).
     """
     if peer not in (None, "torch"):
@@ -648,12 +649,3 @@ class TorchPeer:
         if not math.isfinite(loss):
             raise FloatingPointError(f"torch training diverged while benchmarking: loss {loss}")
         return seconds
-
-
-def time_torch(
-    config, model: Sequential, images_NHWC, labels_N, steps: int, warmup: int, device: str = "cpu"
-) -> float:
-    """Seconds for `steps` PyTorch training steps after `warmup` untimed ones."""
-    peer = TorchPeer(config, model, images_NHWC, labels_N, device)
-    peer.run(warmup)
-    return peer.run(steps)

@@ -154,10 +154,8 @@ def conv2d(
         impl = choose_conv_impl(
             in_hw, kernel, st, pads, dil, out_hw, channels=c_io, groups=groups, dtype=x_BHWC.dtype
         )
-    try:
-        lowering = _LOWERINGS[impl]
-    except KeyError:
-        raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}") from None
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
     if impl == "pointwise" and kernel != (1, 1):
         raise ValueError(f"conv2d: impl='pointwise' needs a 1x1 kernel, got {kernel}")
     if impl == "direct" and (st != (1, 1) or groups != 1):
@@ -182,7 +180,7 @@ def conv2d(
     if impl == "native":
         y_BHWO = native.conv(x_BHWC, w_HWIO, pads, b_O)
     else:
-        y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
+        y_BHWO = _LOWERINGS[impl](x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
         if b_O is not None:
             y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
     y_BHWO = y_BHWO if act is None else act(y_BHWO)
@@ -376,20 +374,13 @@ def _conv_direct(x, w, stride, pads, dilation, groups, out_hw):
     return _direct(x, w, pads, dilation)
 
 
-def _conv_native(x, w, stride, pads, dilation, groups, out_hw):
-    """The C++ kernel of `cnn.native` (checked by conv2d: stride 1, no dilation, groups 1)."""
-    del stride, dilation, groups, out_hw
-    return native.conv(x, w, pads)
-
-
 _LOWERINGS: dict[str, Callable[..., Array]] = {
     "xla": _conv_xla,
     "dense": _conv_dense,
     "pointwise": _conv_pointwise,
     "im2col": _conv_im2col,
     "direct": _conv_direct,
-    "native": _conv_native,
-}
+}  # and "native": `native.conv`, which also takes the bias, relu and statistics
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -548,9 +539,7 @@ def batch_norm_max_pool(
     chex.assert_rank(x_BHWC, 4, custom_message="batch_norm_max_pool: input must be NHWC")
     if impl not in ("auto", "native", "xla"):
         raise ValueError(f"batch_norm_max_pool: impl must be auto, native or xla, got {impl!r}")
-    c = x_BHWC.shape[-1]
-    ok = train and x_BHWC.dtype == jnp.float32 and win[0] * win[1] <= 255 and c in (8, 16, 24, 32)
-    ok = ok and x_BHWC.shape[1] >= win[0] and x_BHWC.shape[2] >= win[1]
+    ok = train and native.supports_bn_max_pool(x_BHWC.shape, win, x_BHWC.dtype)
     if impl == "native" and not ok:
         raise ValueError(
             "batch_norm_max_pool: impl='native' needs train=True, float32, 8, 16, 24 or 32"

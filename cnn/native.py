@@ -162,6 +162,18 @@ def supports(
     )
 
 
+def supports_bn_max_pool(shape_BHWC, win, dtype) -> bool:
+    """Whether `bn_max_pool` and its gradients take this input and window."""
+    _, h, w, c = shape_BHWC
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and c in (8, 16, 24, 32)  # whole 8-lane vectors
+        and win[0] * win[1] <= 255  # places fit in uint8
+        and h >= win[0]
+        and w >= win[1]
+    )
+
+
 def _pad_attrs(pads: Pads) -> dict[str, np.int64]:
     (pt, pb), (pl, pr) = pads
     return {
@@ -242,8 +254,8 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     x_BHWC, w_HWIO, b_O, y_BHWO = res
     g_BHWO, g_sums_B2O = cotangents
     kh, kw, c, o = w_HWIO.shape
-    if isinstance(g_BHWO, SymbolicZero):
-        g_BHWO = jnp.zeros(y_BHWO.shape if y_BHWO is not None else g_BHWO.shape, jnp.float32)
+    if isinstance(g_BHWO, SymbolicZero):  # only the sums are used, so stats kept y
+        g_BHWO = jnp.zeros_like(y_BHWO)
     if stats and not isinstance(g_sums_B2O, SymbolicZero):  # d sum(y) = 1, d sum(y^2) = 2y
         g_BHWO = (
             g_BHWO + g_sums_B2O[:, None, None, 0, :] + 2 * y_BHWO * g_sums_B2O[:, None, None, 1, :]
@@ -253,16 +265,17 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
     dx_BHWC, _ = _forward(g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO)
     m = g_BHWO if a_BHWO is None else a_BHWO
+    # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
+    # as autodiff of "+ b" takes it, keeps the bits of conv + b
+    native_db = b_O is not None and a_BHWO is not None
     dw_HWIO, db_O = jax.ffi.ffi_call(
         "cnn_conv_dw",
         (jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
         vmap_method="sequential",
-    )(x_BHWC, g_BHWO, m, **_pad_attrs(pads), mask=a_BHWO is not None)
+    )(x_BHWC, g_BHWO, m, **_pad_attrs(pads), mask=a_BHWO is not None, bias=native_db)
     if b_O is None:
         return dx_BHWC, dw_HWIO, None
-    if a_BHWO is None:  # XLA's sum, as autodiff of "+ b" takes it: the same bits as conv + b
-        db_O = jnp.sum(g_BHWO, axis=(0, 1, 2))
-    return dx_BHWC, dw_HWIO, db_O
+    return dx_BHWC, dw_HWIO, db_O if native_db else jnp.sum(g_BHWO, axis=(0, 1, 2))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)

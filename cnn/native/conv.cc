@@ -1,7 +1,7 @@
 // Direct NHWC/HWIO convolutions for small channel counts, as XLA FFI handlers on the CPU.
 //
 // cnn_conv:   y[b,i,j,o]  = act(sum_{p,q,c} xpad[b,i+p,j+q,c] * w[p,q,c,o] + bias[o])  (stride 1)
-// cnn_conv_dw: dw[p,q,c,o] = sum_{b,i,j} xpad[b,i+p,j+q,c] * g[b,i,j,o];  db[o] = sum g[b,i,j,o]
+// cnn_conv_dw: dw[p,q,c,o] = sum_{b,i,j} xpad[b,i+p,j+q,c] * g[b,i,j,o];  db[o] = sum g (bias=1)
 // xpad is x zero-padded by (top, bottom, left, right); act is relu or the identity. With the
 // attribute mask=1, each value of x (cnn_conv) or g (cnn_conv_dw) counts only where the same
 // element of the extra operand m is > 0: the derivative of a relu whose output is m, applied as
@@ -308,7 +308,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                       ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> dw,
                       ffi::ResultBuffer<ffi::F32> db, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, bool mask) {
+                      int64_t pr, bool mask, bool bias) {
   auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
@@ -351,6 +351,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         gp = dst;
       }
       fn(g, xin, gp, part_g);
+      if (!bias) continue;
       float* db_part = part_g + dw_size;  // the bias gradient: g summed over the pixels
       for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
         for (int64_t o = 0; o < nv * 8; ++o) db_part[o] += gp[k * nv * 8 + o];
@@ -586,7 +587,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                                   .Attr<bool>("relu")
                                   .Attr<bool>("mask")
                                   .Attr<bool>("stats"));
-// x, g, mask source -> dw, db
+// x, g, mask source -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -595,7 +596,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
-                                  .Attr<bool>("mask"));
+                                  .Attr<bool>("mask")
+                                  .Attr<bool>("bias"));
 
 // a, inv, shift -> pooled, place of each window's maximum
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
