@@ -268,17 +268,39 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
     # as autodiff of "+ b" takes it, keeps the bits of conv + b
     native_db = b_O is not None and a_BHWO is not None
-    dw_HWIO, db_O = jax.ffi.ffi_call(
-        "cnn_conv_dw",
-        (jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
-        vmap_method="sequential",
-    )(x_BHWC, g_BHWO, m, **_pad_attrs(pads), mask=a_BHWO is not None, bias=native_db)
+    attrs = {**_pad_attrs(pads), "mask": a_BHWO is not None, "bias": native_db}
+    if _swap_dw((kh, kw), pads, c, o):  # the same sums, with the lanes on the wider side
+        dw_11OC, db_O = jax.ffi.ffi_call(
+            "cnn_conv_dw",
+            (
+                jax.ShapeDtypeStruct((1, 1, o, c), jnp.float32),
+                jax.ShapeDtypeStruct((o,), jnp.float32),
+            ),
+            vmap_method="sequential",
+        )(g_BHWO, x_BHWC, m, **attrs, swap=True)
+        dw_HWIO = dw_11OC.transpose(0, 1, 3, 2)
+    else:
+        dw_HWIO, db_O = jax.ffi.ffi_call(
+            "cnn_conv_dw",
+            (
+                jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32),
+                jax.ShapeDtypeStruct((o,), jnp.float32),
+            ),
+            vmap_method="sequential",
+        )(x_BHWC, g_BHWO, m, **attrs, swap=False)
     if b_O is None:
         return dx_BHWC, dw_HWIO, None
     return dx_BHWC, dw_HWIO, db_O if native_db else jnp.sum(g_BHWO, axis=(0, 1, 2))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+
+
+def _swap_dw(kernel, pads: Pads, c: int, o: int) -> bool:
+    """Whether a 1x1 kernel gradient is cheaper with x and g swapped: the kernel's work goes as
+    (channels held in 8-lane vectors, rounded up) x (the other side's channels)."""
+    lanes = lambda n: -(-n // 8) * 8  # noqa: E731
+    return tuple(kernel) == (1, 1) and pads == ((0, 0), (0, 0)) and lanes(c) * o < lanes(o) * c
 
 
 # ----------------------------------------------------------------- batch norm, then max pool

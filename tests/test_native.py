@@ -56,6 +56,7 @@ CASES = [
     (2, 13, 13, 8, (3, 3), 32, ((0, 0), (0, 0))),
     (2, 9, 9, 32, (3, 3), 32, ((1, 1), (1, 1))),
     (3, 12, 12, 16, (1, 1), 10, ((0, 0), (0, 0))),
+    (5, 26, 26, 32, (1, 1), 10, ((0, 0), (0, 0))),
     (2, 7, 5, 32, (1, 1), 1, ((0, 0), (0, 0))),
     (1, 6, 6, 2, (6, 6), 3, ((0, 0), (0, 0))),
     (4, 28, 28, 1, (3, 3), 8, ((0, 0), (0, 0))),
@@ -264,6 +265,45 @@ def test_kernel_and_bias_gradients_are_the_same_bits_every_time():
     for _ in range(30):
         for got, want in zip(grads(x + 0.0, g), first, strict=True):
             np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_swap_dw_picks_the_side_with_fewer_wasted_lanes():
+    no_pad = ((0, 0), (0, 0))
+    assert native._swap_dw((1, 1), no_pad, 32, 10)  # eip_session1's 1x1: 40 against 64 lanes
+    assert native._swap_dw((1, 1), no_pad, 16, 10)
+    assert not native._swap_dw((1, 1), no_pad, 10, 32)
+    assert not native._swap_dw((1, 1), no_pad, 16, 16)
+    assert not native._swap_dw((3, 3), no_pad, 32, 10)  # the swap holds for 1x1 kernels only
+    assert not native._swap_dw((1, 1), ((1, 0), (0, 0)), 32, 10)
+
+
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True)])
+def test_swapped_kernel_gradient_is_the_same_bits(monkeypatch, bias, relu):
+    """x and g swapped sum the same products in the same order: dw and db bit for bit."""
+    x, g = _rand(12, (9, 7, 6, 32)), _rand(13, (9, 7, 6, 10))
+    w, b = _rand(14, (1, 1, 32, 10)), _rand(15, (10,)) if bias else None
+
+    def grads(x, w, b, g):
+        _, vjp = jax.vjp(lambda x, w, b: native.conv(x, w, ((0, 0), (0, 0)), b, relu=relu), x, w, b)
+        return vjp(g)
+
+    swapped = [np.asarray(a) for a in jax.jit(grads)(x, w, b, g) if a is not None]
+    monkeypatch.setattr(native, "_swap_dw", lambda *args: False)
+    plain = [np.asarray(a) for a in jax.jit(grads)(x, w, b, g) if a is not None]
+    assert len(plain) == (3 if bias else 2)
+    for got, want in zip(swapped, plain, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_swap_refuses_a_kernel_other_than_1x1():
+    x, g = _rand(16, (2, 6, 6, 4)), _rand(17, (2, 4, 4, 8))
+    call = jax.ffi.ffi_call(
+        "cnn_conv_dw",
+        (jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)),
+        vmap_method="sequential",
+    )
+    with pytest.raises(Exception, match="swap needs a 1x1 kernel"):
+        call(x, g, x, **native._pad_attrs(((0, 0), (0, 0))), mask=False, bias=False, swap=True)
 
 
 @pytest.mark.parametrize("relu", [False, True])

@@ -5,7 +5,10 @@
 // xpad is x zero-padded by (top, bottom, left, right); act is relu or the identity. With the
 // attribute mask=1, each value of x (cnn_conv) or g (cnn_conv_dw) counts only where the same
 // element of the extra operand m is > 0: the derivative of a relu whose output is m, applied as
-// the values are read. The input gradient of cnn_conv is cnn_conv of g with the flipped,
+// the values are read. cnn_conv_dw with swap=1 (1x1 kernels, no padding) takes x and g in each
+// other's places: the mask then applies to x, and db[c] = sum of (masked) x. A 1x1 kernel
+// gradient with few output channels (10) and more input channels (32) is cheaper so, as the
+// caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is cnn_conv of g with the flipped,
 // transposed kernel (cnn/native.py). Output channels are held
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
 // several output columns at a time; images are shared among XLA's intra-op threads.
@@ -308,12 +311,16 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                       ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> dw,
                       ffi::ResultBuffer<ffi::F32> db, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, bool mask, bool bias) {
+                      int64_t pr, bool mask, bool bias, bool swap) {
   auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
-  if (int64_t(db->element_count()) != wd[3] || (mask && !same_dims(m.dimensions(), gd)))
-    return ffi::Error::InvalidArgument("cnn_conv_dw: expects db (O,) and a mask source shaped as g");
+  if (int64_t(db->element_count()) != (swap ? wd[2] : wd[3]) ||
+      (mask && !same_dims(m.dimensions(), swap ? xd : gd)))
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_dw: expects db (O,) and a mask source shaped as g (swap: (C,), as x)");
+  if (swap && (wd[0] != 1 || wd[1] != 1 || pt || pb || pl || pr))
+    return ffi::Error::InvalidArgument("cnn_conv_dw: swap needs a 1x1 kernel and no padding");
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], gd[1], gd[2],
              pt, pl, xd[1] + pt + pb, xd[2] + pl + pr};
   if (g.Ho != g.Hp - g.KH + 1 || g.Wo != g.Wp - g.KW + 1 || gd[0] != g.B)
@@ -323,49 +330,59 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (!fn) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
   const int64_t workers = workers_of(pool);
   const int64_t dw_size = g.KH * g.KW * g.C * nv * 8;
-  const int64_t taps = dw_size + nv * 8;  // per group: dw, then db
-  const bool ragged = g.O % 8 != 0, copy_g = ragged || mask;
+  const int64_t taps = dw_size + std::max(nv * 8, g.C);  // per group: dw, then db
+  const bool ragged = g.O % 8 != 0, copy_g = ragged || (mask && !swap);
+  const bool copy_x = g.padded() || (mask && swap);
   const int64_t img = g.padded_image_size(), gimg = g.Ho * g.Wo * nv * 8;
   // Partial sums per fixed group of images, added in a fixed order: the result does not
   // depend on which thread took which group, nor on the number of threads.
   const int64_t groups = (g.B + kDwGroup - 1) / kDwGroup;
   std::vector<float> part(groups * taps, 0.0f);
-  std::vector<float> scratch(g.padded() ? workers * img : 0);
+  std::vector<float> scratch(copy_x ? workers * img : 0);
   std::vector<float> gscratch(copy_g ? workers * gimg : 0);
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   const float* ms = mask ? m.typed_data() : nullptr;
-  const int64_t g_img = g.Ho * g.Wo * g.O;
+  const int64_t g_img = g.Ho * g.Wo * g.O, x_img = g.H * g.W * g.C;
   auto body = [&](int64_t group, int64_t worker) {
     float* part_g = &part[group * taps];
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
-      const float* xin = prepared_image(g, xs + b * g.H * g.W * g.C, nullptr,
-                                        g.padded() ? &scratch[worker * img] : nullptr);
+      const float* xin = prepared_image(g, xs + b * x_img, swap && ms ? ms + b * x_img : nullptr,
+                                        copy_x ? &scratch[worker * img] : nullptr);
       const float* gp = gs + b * g_img;
       if (copy_g) {
         float* dst = &gscratch[worker * gimg];
         if (ragged) std::fill(dst, dst + gimg, 0.0f);
-        const float* mp = ms ? ms + b * g_img : nullptr;
+        const float* mp = ms && !swap ? ms + b * g_img : nullptr;
         for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
           copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
         gp = dst;
       }
       fn(g, xin, gp, part_g);
       if (!bias) continue;
-      float* db_part = part_g + dw_size;  // the bias gradient: g summed over the pixels
+      // the bias gradient: g (swap: x) summed over the pixels, in the same order either way
+      float* db_part = part_g + dw_size;
+      const float* src = swap ? xin : gp;
+      const int64_t n = swap ? g.C : nv * 8;
       for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
-        for (int64_t o = 0; o < nv * 8; ++o) db_part[o] += gp[k * nv * 8 + o];
+        for (int64_t o = 0; o < n; ++o) db_part[o] += src[k * n + o];
     }
   };
   parallel_for(pool, groups, workers, body);
   float* out = dw->typed_data();
-  float* out_b = db->typed_data();
-  for (int64_t t = 0; t <= g.KH * g.KW * g.C; ++t)
+  const int64_t nt = g.KH * g.KW * g.C;
+  for (int64_t t = 0; t < nt; ++t)
     for (int64_t o = 0; o < g.O; ++o) {
       float s = 0.0f;
       for (int64_t k = 0; k < groups; ++k) s += part[k * taps + t * nv * 8 + o];
-      (t < g.KH * g.KW * g.C ? out[t * g.O + o] : out_b[o]) = s;
+      out[t * g.O + o] = s;
     }
+  float* out_b = db->typed_data();
+  for (int64_t o = 0; o < int64_t(db->element_count()); ++o) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < groups; ++k) s += part[k * taps + nt * nv * 8 + o];
+    out_b[o] = s;
+  }
   return ffi::Error::Success();
 }
 
@@ -597,7 +614,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("mask")
-                                  .Attr<bool>("bias"));
+                                  .Attr<bool>("bias")
+                                  .Attr<bool>("swap"));
 
 // a, inv, shift -> pooled, place of each window's maximum
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
