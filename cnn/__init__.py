@@ -10,6 +10,7 @@ from cnn import (
     models,
     native,
     nn,
+    optim,
     receptive_field,
 )
 from cnn.augment import MNIST_MEAN, MNIST_STD, NORMALIZED_BLACK, normalize
@@ -111,5 +112,6 @@ __all__ = [
     "layers",
     "max_pool",
     "nn",
+    "optim",
     "pool_shape",
 ]

@@ -48,6 +48,7 @@ _TARGETS = {
     "cnn_bn_pool": "CnnBnPool",
     "cnn_bn_pool_sums": "CnnBnPoolSums",
     "cnn_bn_pool_grad": "CnnBnPoolGrad",
+    "cnn_adam": "CnnAdam",
 }
 _BUILD_TIMEOUT_S = 300
 
@@ -341,4 +342,26 @@ def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Ar
     out = jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32)
     return jax.ffi.ffi_call("cnn_bn_pool_grad", out, vmap_method="sequential")(
         g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, **_window(win)
+    )
+
+
+# ------------------------------------------------------------------------------------- Adam
+def adam_moments(g, mu, nu, bc_2, *, b1: float, b2: float, eps: float):
+    """optax.scale_by_adam's (update, mu, nu) for one float32 array and eps_root=0, in one pass;
+    bc_2 = (1 - b1**count, 1 - b2**count) as optax has them. mu and nu are updated in place
+    where XLA can donate them."""
+    require()
+    out = tuple(jax.ShapeDtypeStruct(g.shape, jnp.float32) for _ in range(3))
+    return jax.ffi.ffi_call(
+        "cnn_adam", out, vmap_method="sequential", input_output_aliases={1: 1, 2: 2}
+    )(
+        g,
+        mu,
+        nu,
+        bc_2,
+        b1=np.float32(b1),
+        b2=np.float32(b2),
+        c1=np.float32(1 - b1),
+        c2=np.float32(1 - b2),
+        eps=np.float32(eps),
     )

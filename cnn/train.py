@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from cnn import augment, data, models, receptive_field
+from cnn import augment, data, models, optim, receptive_field
 from cnn.checkpoint import Checkpointer, IncompatibleWorkdirError, check_workdir_config
 from cnn.files import atomic_write_text
 from cnn.nn import Activation, Sequential
@@ -119,9 +119,9 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     else:
         raise _not_a_choice(config, "schedule")
     if config.optimizer == "adam":
-        tx = optax.adam(schedule)
+        tx = optim.adam(schedule)
     elif config.optimizer == "adamw":
-        tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+        tx = optim.adamw(schedule, weight_decay=config.weight_decay)
     elif config.optimizer == "sgd":
         tx = optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov)
     else:
@@ -259,7 +259,11 @@ def make_train_steps(model: nn.Module, tx, config, max_traces: int = 1) -> Calla
 
         def body(state, xs):
             idx_B, mask_B, valid = xs
-            batch = {"image": gather_rows(images_NHWC, idx_B), "label": labels_N[idx_B], "mask": mask_B}
+            batch = {
+                "image": gather_rows(images_NHWC, idx_B),
+                "label": labels_N[idx_B],
+                "mask": mask_B,
+            }
 
             def run(state):
                 return train_step(state, batch, model=model, tx=tx, config=config)

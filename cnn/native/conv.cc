@@ -13,6 +13,7 @@
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
 // several output columns at a time; images are shared among XLA's intra-op threads.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -22,6 +23,10 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -583,6 +588,71 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------ Adam
+// cnn_adam: optax.scale_by_adam's arithmetic on one float32 array, in one pass over memory:
+//   mu' = fma(c1, g, b1 * mu);  nu' = fma(c2, g * g, b2 * nu);
+//   u = (mu' * (1 / bc[0])) / (sqrt(nu' * (1 / bc[1])) + eps)
+// c1 = 1 - b1 and c2 = 1 - b2 are rounded to float by the caller, as JAX rounds optax's Python
+// scalars; bc holds the two bias corrections (1 - b^count), computed by the caller as optax
+// does; optax's eps_root is 0. The multiply-adds and reciprocals are those XLA's CPU compiler
+// chose for optax's expressions in a small program; in a large one it may round otherwise, so
+// the last bit can differ from optax's there.
+constexpr int64_t kAdamChunk = 16384;
+
+// Scalar: the tail, and CPUs without AVX and FMA.
+inline void adam_one(const float* g, const float* mu, const float* nu, float r1, float r2,
+                     float b1, float b2, float c1, float c2, float eps, float* u, float* mu_o,
+                     float* nu_o, int64_t i) {
+  const float gi = g[i];
+  const float m = std::fma(c1, gi, b1 * mu[i]);
+  const float v = std::fma(c2, gi * gi, b2 * nu[i]);
+  mu_o[i] = m;
+  nu_o[i] = v;
+  u[i] = (m * r1) / (std::sqrt(v * r2) + eps);
+}
+
+void adam_chunk(const float* g, const float* mu, const float* nu, float r1, float r2, float b1,
+                float b2, float c1, float c2, float eps, float* u, float* mu_o, float* nu_o,
+                int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__) && defined(__FMA__)
+  const __m256 vr1 = _mm256_set1_ps(r1), vr2 = _mm256_set1_ps(r2), vb1 = _mm256_set1_ps(b1),
+               vb2 = _mm256_set1_ps(b2), vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2),
+               veps = _mm256_set1_ps(eps);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gi = _mm256_loadu_ps(g + i);
+    const __m256 m = _mm256_fmadd_ps(vc1, gi, _mm256_mul_ps(vb1, _mm256_loadu_ps(mu + i)));
+    const __m256 v = _mm256_fmadd_ps(vc2, _mm256_mul_ps(gi, gi),
+                                     _mm256_mul_ps(vb2, _mm256_loadu_ps(nu + i)));
+    _mm256_storeu_ps(mu_o + i, m);
+    _mm256_storeu_ps(nu_o + i, v);
+    const __m256 den = _mm256_add_ps(_mm256_sqrt_ps(_mm256_mul_ps(v, vr2)), veps);
+    _mm256_storeu_ps(u + i, _mm256_div_ps(_mm256_mul_ps(m, vr1), den));
+  }
+#endif
+  for (; i < n; ++i) adam_one(g, mu, nu, r1, r2, b1, b2, c1, c2, eps, u, mu_o, nu_o, i);
+}
+
+ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mu,
+                    ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> bc,
+                    ffi::ResultBuffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> mu_o,
+                    ffi::ResultBuffer<ffi::F32> nu_o, float b1, float b2, float c1, float c2,
+                    float eps) {
+  const int64_t n = g.element_count();
+  if (int64_t(mu.element_count()) != n || int64_t(nu.element_count()) != n ||
+      int64_t(u->element_count()) != n || bc.element_count() != 2)
+    return ffi::Error::InvalidArgument("cnn_adam: expects g, mu, nu of one size and bc (2,)");
+  const float r1 = 1.0f / bc.typed_data()[0], r2 = 1.0f / bc.typed_data()[1];
+  auto body = [&](int64_t chunk, int64_t) {
+    const int64_t lo = chunk * kAdamChunk, len = std::min(kAdamChunk, n - lo);
+    adam_chunk(g.typed_data() + lo, mu.typed_data() + lo, nu.typed_data() + lo, r1, r2, b1, b2,
+               c1, c2, eps, u->typed_data() + lo, mu_o->typed_data() + lo, nu_o->typed_data() + lo,
+               len);
+  };
+  parallel_for(pool, (n + kAdamChunk - 1) / kAdamChunk, workers_of(pool), body);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CNN_PADS                   \
@@ -653,3 +723,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw"));
+
+// g, mu, nu, bias corrections -> update, mu, nu
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("c1")
+                                  .Attr<float>("c2")
+                                  .Attr<float>("eps"));
