@@ -141,7 +141,8 @@ def conv2d(
     impl: "auto", or one lowering from CONV_IMPLS; all give the same result. "direct" needs
     stride 1 and groups 1, and is reverse-mode only (its custom VJP: no jax.jvp / jacfwd).
     "native" (`cnn.native`, CPU) also needs float32, at most 32 channels in and out, no
-    dilation and padding of at most k - 1; it is reverse-mode only too.
+    dilation and padding of at most k - 1, or a kernel that covers the unpadded input (then
+    any channels in, at most 32 out: `native.dense`); it is reverse-mode only too.
     """
     st, dil = pair(stride, "stride"), pair(dilation, "dilation")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
@@ -167,14 +168,30 @@ def conv2d(
             f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
             f" got output {out_hw}"
         )
-    if impl == "native" and not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype):
+    dense = impl == "native" and native.supports_dense(
+        kernel, in_hw, c_io[1], dil, groups, pads, x_BHWC.dtype
+    )
+    if (
+        impl == "native"
+        and not dense
+        and not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype)
+    ):
         raise ValueError(
             f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
-            f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1; got"
-            f" {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels {c_io},"
-            f" padding {pads}, kernel {kernel}"
+            f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1 (or a"
+            f" kernel that covers the unpadded input, with at most {native.MAX_CHANNELS} out);"
+            f" got {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels"
+            f" {c_io}, padding {pads}, kernel {kernel}"
         )
     act = None if activation is None else activations.get(activation)
+    if dense:  # one window: x (B, K) @ w (K, O)
+        b = x_BHWC.shape[0]
+        y_BO = native.dense(x_BHWC.reshape(b, -1), w_HWIO.reshape(-1, c_io[1]))
+        y_BHWO = y_BO.reshape(b, 1, 1, c_io[1])
+        if b_O is not None:
+            y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
+        y_BHWO = y_BHWO if act is None else act(y_BHWO)
+        return (y_BHWO, None) if stats else y_BHWO
     if impl == "native" and (act is None or activation == "relu"):
         return native.conv(x_BHWC, w_HWIO, pads, b_O, relu=act is not None, stats=stats)
     if impl == "native":
@@ -214,16 +231,23 @@ def choose_conv_impl(
 ) -> str:
     """The fastest exact lowering for this geometry on `backend` (default: JAX's default).
 
-    Full-cover and 1x1 kernels are matmuls on every backend. On the CPU, the native kernel
-    takes what it supports (`channels`, in and out, must be given) when it can be built, and
+    Full-cover and 1x1 kernels are matmuls on every backend. On the CPU, the native kernels
+    take what they support (`channels`, in and out, must be given) when they can be built (a
+    full-cover kernel with few outputs: `native.dense`, 2-3x XLA's matmul at 10 outputs), and
     im2col works around XLA's CPU convolution otherwise; GPUs (cuDNN) and TPUs keep XLA's own
     (untested on accelerators). The backend is read when tracing: code placed on another device
     can pass conv2d(impl=...) instead.
     """
-    del in_hw
-    if out_hw == (1, 1):
-        return "dense"
     on_cpu = (backend or jax.default_backend()) == "cpu"
+    if out_hw == (1, 1):
+        if (
+            on_cpu
+            and channels is not None
+            and native.supports_dense(kernel, in_hw, channels[1], dilation, groups, pads, dtype)
+            and native.available()
+        ):
+            return "native"
+        return "dense"
     few_taps = kernel[0] * kernel[1] <= _IM2COL_MAX_TAPS
     if (
         on_cpu

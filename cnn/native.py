@@ -49,6 +49,9 @@ _TARGETS = {
     "cnn_bn_pool_sums": "CnnBnPoolSums",
     "cnn_bn_pool_grad": "CnnBnPoolGrad",
     "cnn_adam": "CnnAdam",
+    "cnn_dense": "CnnDense",
+    "cnn_dense_dx": "CnnDenseDx",
+    "cnn_dense_dw": "CnnDenseDw",
 }
 _BUILD_TIMEOUT_S = 300
 
@@ -343,6 +346,50 @@ def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Ar
     return jax.ffi.ffi_call("cnn_bn_pool_grad", out, vmap_method="sequential")(
         g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, **_window(win)
     )
+
+
+# ------------------------------------------------------------------------------------ dense
+def supports_dense(kernel, in_hw, c_out: int, dilation, groups: int, pads: Pads, dtype) -> bool:
+    """Whether `dense` computes this convolution: its kernel covers the unpadded input."""
+    return (
+        tuple(kernel) == tuple(in_hw)
+        and tuple(dilation) == (1, 1)
+        and groups == 1
+        and 1 <= c_out <= MAX_CHANNELS
+        and jnp.dtype(dtype) == jnp.float32
+        and pads == ((0, 0), (0, 0))
+    )
+
+
+def dense(x_BK: Array, w_KO: Array) -> Array:
+    """x @ w for float32 x (B, K) and w (K, O <= 32), and its gradients, as native passes."""
+    require()
+    return _dense(x_BK, w_KO)
+
+
+def _dense_call(target: str, a, b, shape) -> Array:
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b)
+
+
+@jax.custom_vjp
+def _dense(x_BK, w_KO):
+    return _dense_call("cnn_dense", x_BK, w_KO, (x_BK.shape[0], w_KO.shape[1]))
+
+
+def _dense_fwd(x_BK, w_KO):
+    return _dense(x_BK, w_KO), (x_BK, w_KO)
+
+
+def _dense_bwd(res, g_BO):
+    x_BK, w_KO = res
+    return (
+        _dense_call("cnn_dense_dx", g_BO, w_KO, x_BK.shape),
+        _dense_call("cnn_dense_dw", x_BK, g_BO, w_KO.shape),
+    )
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ------------------------------------------------------------------------------------- Adam

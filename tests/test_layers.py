@@ -302,7 +302,8 @@ def test_native_impl_equals_lax_and_auto_picks_it_on_cpu(combo):
     chosen = layers.choose_conv_impl(
         X_SHAPE[1:3], kernel, (1, 1), pads, (1, 1), out_hw, "cpu", channels=(4, 8)
     )
-    assert chosen == ("dense" if out_hw == (1, 1) else "native")
+    full_cover = tuple(kernel) == X_SHAPE[1:3] and pads == ((0, 0), (0, 0))
+    assert chosen == ("dense" if out_hw == (1, 1) and not full_cover else "native")
 
 
 def test_native_grid_covers_kernels_and_paddings():
@@ -407,6 +408,17 @@ def test_auto_picks_the_specialised_lowering():
     valid = ((0, 0), (0, 0))
     choose = layers.choose_conv_impl
     assert choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), "cpu") == "dense"
+    full = choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), "cpu", channels=(10, 10))
+    assert full == "native"  # native.dense
+    padded = ((1, 1), (1, 1))
+    assert (
+        choose((24, 24), (26, 26), (1, 1), padded, (1, 1), (1, 1), "cpu", channels=(10, 10))
+        == "dense"
+    )
+    assert (
+        choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), "cpu", channels=(10, 33))
+        == "dense"
+    )
     assert choose((8, 8), (1, 1), (1, 1), valid, (1, 1), (8, 8), "cpu") == "pointwise"
     assert choose((8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), "cpu") == "im2col"
     assert choose((28, 28), (9, 9), (1, 1), valid, (1, 1), (20, 20), "cpu") == "xla"
@@ -417,6 +429,8 @@ def test_auto_keeps_xla_convolutions_on_accelerators(backend):
     valid = ((0, 0), (0, 0))
     choose = layers.choose_conv_impl
     assert choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), backend) == "dense"
+    full = choose((26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), backend, channels=(10, 10))
+    assert full == "dense"
     assert choose((8, 8), (1, 1), (1, 1), valid, (1, 1), (8, 8), backend) == "pointwise"
     assert choose((8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), backend) == "xla"
 

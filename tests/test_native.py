@@ -134,6 +134,10 @@ def test_auto_picks_native_on_cpu_where_it_applies():
     assert choose((3, 3), (8, 16), dtype=jnp.bfloat16) == "im2col"
     assert choose((3, 3), None) == "im2col"  # channels unknown
     assert choose((9, 9), (8, 16)) == "xla"  # 81 taps: the input gradient's zero border dominates
+    full = layers.choose_conv_impl(
+        (26, 26), (26, 26), (1, 1), valid, (1, 1), (1, 1), "cpu", channels=(10, 10)
+    )
+    assert full == "native"  # native.dense
     got = layers.choose_conv_impl(
         (8, 8), (3, 3), (1, 1), valid, (1, 1), (6, 6), "gpu", channels=(8, 16)
     )
@@ -265,6 +269,75 @@ def test_kernel_and_bias_gradients_are_the_same_bits_every_time():
     for _ in range(30):
         for got, want in zip(grads(x + 0.0, g), first, strict=True):
             np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# (batch, height, width, c_in, c_out): a kernel that covers the input, as native.dense. K =
+# h * w * c_in spans one to several chunks of 512 with tails; batches leave every row-block
+# tail; outputs 1-32, ragged and whole vectors; more than 32 channels in.
+DENSE_CASES = [
+    (32, 26, 26, 10, 10),  # eip_session1_original's last layer
+    (1, 1, 1, 1, 1),
+    (7, 3, 5, 2, 17),
+    (13, 4, 4, 64, 32),
+    (9, 23, 23, 3, 8),
+    (25, 2, 2, 129, 24),
+]
+
+
+@pytest.mark.parametrize("bias,relu", [(False, False), (True, True)])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_dense_values_and_gradients_equal_lax(case, bias, relu):
+    b, h, w_, c, o = case
+    x, w = _rand(20, (b, h, w_, c)), _rand(21, (h, w_, c, o))
+    bias_O = _rand(22, (o,)) if bias else None
+    valid = ((0, 0), (0, 0))
+    assert native.supports_dense((h, w_), (h, w_), o, (1, 1), 1, valid, jnp.float32)
+    act = "relu" if relu else None
+
+    def both(x, w, b_O, g):
+        out = {}
+        for impl in ("native", "xla"):
+            fn = lambda x, w, b_O: layers.conv2d(x, w, b_O, impl=impl, activation=act)  # noqa: B023,E731
+            y, vjp = jax.vjp(fn, x, w, b_O)
+            out[impl] = (y, *vjp(g))
+        return out
+
+    outs = jax.jit(both)(x, w, bias_O, _rand(23, (b, 1, 1, o)))
+    hlo = jax.jit(lambda x, w: layers.conv2d(x, w, impl="native")).lower(x, w).as_text()
+    assert "cnn_dense" in hlo and "cnn_conv" not in hlo
+    for what, got, want in zip(("y", "dx", "dw", "db"), outs["native"], outs["xla"], strict=True):
+        if want is None:
+            assert got is None, what
+        else:
+            _assert_close(got, want, what)
+
+
+def test_dense_is_the_same_bits_every_time():
+    """Partial sums per fixed chunk of K, added in chunk order: no dependence on the threads."""
+    x, w, g = _rand(24, (32, 6760)), _rand(25, (6760, 10)), _rand(26, (32, 10))
+
+    @jax.jit
+    def all_three(x, w):
+        y, vjp = jax.vjp(native.dense, x, w)
+        return (y, *vjp(g))
+
+    first = [np.asarray(a) for a in all_three(x, w)]
+    for _ in range(20):
+        for got, want in zip(all_three(x + 0.0, w), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_dense_limits():
+    valid = ((0, 0), (0, 0))
+    assert native.supports_dense((5, 5), (5, 5), 32, (1, 1), 1, valid, jnp.float32)
+    assert not native.supports_dense((5, 5), (5, 5), 33, (1, 1), 1, valid, jnp.float32)
+    assert not native.supports_dense((5, 5), (6, 6), 8, (1, 1), 1, valid, jnp.float32)
+    assert not native.supports_dense((5, 5), (5, 5), 8, (1, 1), 1, ((0, 1), (0, 0)), jnp.float32)
+    assert not native.supports_dense((5, 5), (5, 5), 8, (1, 1), 2, valid, jnp.float32)
+    assert not native.supports_dense((5, 5), (5, 5), 8, (1, 1), 1, valid, jnp.bfloat16)
+    assert not native.supports_dense((3, 3), (5, 5), 8, (2, 2), 1, valid, jnp.float32)
+    with pytest.raises(ValueError, match=r"impl='native' needs.*channels \(4, 33\)"):
+        layers.conv2d(jnp.ones((2, 5, 5, 4)), jnp.ones((5, 5, 4, 33)), impl="native")
 
 
 def test_swap_dw_picks_the_side_with_fewer_wasted_lanes():
