@@ -4,7 +4,7 @@ batch 32, 10 epochs, no augmentation; the learning rate decays from 1e-3 by a co
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/eip_session1.py --workdir runs/eip_session1
-Measured: 39,754 params; score [0.0381, 0.9923]; wall 2 min 36 s (2-core AMD EPYC Zen 4 CPU, BENCHMARKS.md).
+Measured: 39,754 params; score [0.0384, 0.9921]; wall 2 min 30 s (2-core AMD EPYC Zen 4 CPU, BENCHMARKS.md).
 """
 
 from configs import base
