@@ -534,6 +534,47 @@ def batch_norm(
     return y, *_running_stats(mean_C, var_C, mean, var, momentum)
 
 
+def batch_norm_affine(
+    x_BHWC: Array,
+    scale_C: Array,
+    bias_C: Array,
+    mean_C: Array,
+    var_C: Array,
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    mask_B: Array | None = None,
+    sums_B2C: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """Batch norm as the per-channel affine map it applies: (inv_C, shift_C, new_running_mean,
+    new_running_var) with batch_norm(x) = x * inv + shift, for `fold_affine` into the next
+    convolution (x itself is not written). Statistics as in `batch_norm`; in training the
+    gradients reach x through them: through sums_B2C (not stopped here, so the layer that took
+    them must pass their cotangent on, as `conv2d(stats=True)` does) or through x's own sums.
+    """
+    sums_B2C = _check_bn(
+        "batch_norm_affine", x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C,
+        stop=False,
+    )  # fmt: skip
+    if not train:
+        mean, r = mean_C, lax.rsqrt(var_C + jnp.asarray(eps, x_BHWC.dtype))
+    else:
+        mean, _, var, r = _bn_stats(x_BHWC, mask_B, sums_B2C, float(eps))
+        mean_C, var_C = _running_stats(mean_C, var_C, mean, var, momentum)
+    inv = r * scale_C
+    return inv, bias_C - mean * inv, mean_C, var_C
+
+
+def fold_affine(w_HWIO: Array, b_O: Array | None, inv_C: Array, shift_C: Array):
+    """(w', b') with conv(x * inv + shift, w) + b == conv(x, w') + b' wherever every tap of the
+    convolution reads x (no padding; groups=1)."""
+    chex.assert_shape((inv_C, shift_C), (w_HWIO.shape[2],))
+    w2 = w_HWIO * inv_C.reshape(1, 1, -1, 1)
+    b2 = jnp.einsum("hwio,i->o", w_HWIO, shift_C)
+    return w2, b2 if b_O is None else b_O + b2
+
+
 def batch_norm_max_pool(
     x_BHWC: Array,
     scale_C: Array,
@@ -580,7 +621,7 @@ def batch_norm_max_pool(
     return y, *_running_stats(mean_C, var_C, mean, var, momentum)
 
 
-def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C):
+def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C, stop=True):
     """Shape checks of batch norm's arguments; returns sums_B2C without a gradient path."""
     c = x_BHWC.shape[-1]
     chex.assert_rank(
@@ -604,7 +645,7 @@ def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C):
         (x_BHWC.shape[0], 2, c),
         custom_message=f"{where}: sums must have shape ({x_BHWC.shape[0]}, 2, {c})",
     )
-    return lax.stop_gradient(sums_B2C)
+    return lax.stop_gradient(sums_B2C) if stop else sums_B2C
 
 
 def _running_stats(mean_C, var_C, mean, var, momentum):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn import activations, layers
-from cnn.geometry import Geometry, PaddingLike, pair
+from cnn.geometry import Geometry, PaddingLike, pair, resolve_padding
 
 Array = jax.Array
 Shape = tuple[int, ...]
@@ -44,9 +44,12 @@ class Conv(nn.Module):
         train: bool = False,
         activation: str | None = None,
         stats: bool = False,
+        in_affine: tuple[Array, Array] | None = None,
     ):
         """activation and stats as in `layers.conv2d`; Sequential fuses a following relu, and
-        the batch norm after it, this way."""
+        the batch norm after it, this way. in_affine=(inv_C, shift_C): convolve x * inv + shift
+        instead of x, folded into the kernel and bias (`layers.fold_affine`: no padding, groups
+        1); Sequential folds a batch norm before the conv this way."""
         del train
         kh, kw = pair(self.kernel_size, "kernel_size")
         if x_BHWC.ndim != 4:
@@ -67,6 +70,13 @@ class Conv(nn.Module):
             if self.use_bias
             else None
         )
+        if in_affine is not None:
+            if not self.folds(x_BHWC.shape):
+                raise ValueError(
+                    f"Conv {self.name}: in_affine needs no padding and groups=1, got padding"
+                    f" {self.padding!r}, groups={self.groups}"
+                )
+            w, b = layers.fold_affine(w, b, *in_affine)
         return layers.conv2d(
             x_BHWC,
             w,
@@ -79,6 +89,17 @@ class Conv(nn.Module):
             activation=activation,
             stats=stats,
         )
+
+    def folds(self, in_shape: Shape) -> bool:
+        """Whether an affine map of the input folds into this conv exactly (`in_affine`)."""
+        if self.groups != 1 or len(in_shape) != 4:
+            return False
+        kernel = pair(self.kernel_size, "kernel_size")
+        pads = resolve_padding(
+            self.padding, tuple(in_shape[1:3]), kernel, pair(self.stride, "stride"),
+            pair(self.dilation, "dilation"),
+        )  # fmt: skip
+        return pads == ((0, 0), (0, 0))
 
     def geometry(self) -> Geometry:
         return Geometry(
@@ -187,10 +208,13 @@ class BatchNorm(_Pointwise):
         mask_B: Array | None = None,
         sums_B2C: Array | None = None,
         max_pool: int | Sequence[int] | None = None,
-    ) -> Array:
+        affine: bool = False,
+    ):
         """sums_B2C: x's per-image sums, if the layer before took them (`layers.batch_norm`).
         max_pool: a window; then returns the max pool of the output, computed with it
-        (`layers.batch_norm_max_pool`). Sequential fuses a following MaxPool this way."""
+        (`layers.batch_norm_max_pool`). Sequential fuses a following MaxPool this way.
+        affine=True: returns (inv_C, shift_C), the map x * inv + shift it applies, for the next
+        conv to fold (`layers.batch_norm_affine`); Sequential folds it into a following Conv."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -201,7 +225,12 @@ class BatchNorm(_Pointwise):
         mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         kw = dict(train=train, momentum=self.momentum, eps=self.eps, mask_B=mask_B)
-        if max_pool is None:
+        if affine:
+            inv, shift, new_mean, new_var = layers.batch_norm_affine(
+                x, scale, bias, mean.value, var.value, sums_B2C=sums_B2C, **kw
+            )
+            y = (inv, shift)
+        elif max_pool is None:
             y, new_mean, new_var = layers.batch_norm(
                 x, scale, bias, mean.value, var.value, sums_B2C=sums_B2C, **kw
             )
@@ -264,6 +293,7 @@ class Sequential(nn.Module):
     """Layers applied in order. `return_features=True` also returns every layer's output by name."""
 
     layers: Sequence[nn.Module]
+    fold_batch_norms: bool = True  # False: each batch norm writes its output (same function)
 
     def __post_init__(self):
         # Read the names before Flax adopts the layers (and renames them layers_<i>).
@@ -285,13 +315,17 @@ class Sequential(nn.Module):
         mask_B: Array | None = None,
     ):
         features: dict[str, Array] = {}
-        fused, sums_B2C = False, None
+        fused, sums_B2C, affine = False, None, None
         for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
             if fused:  # this layer ran inside the one before it
                 fused = False
                 continue
             if isinstance(layer, BatchNorm):
                 nxt = self._layer(i + 1)
+                if not return_features and self.fold_batch_norms and self._folds(i, x.shape):
+                    affine = layer(x, train, mask_B, sums_B2C, affine=True)
+                    sums_B2C = None
+                    continue  # x stays as it is: the next conv applies the batch norm
                 if train and not return_features and isinstance(nxt, MaxPool) and nxt.tiles():
                     x = layer(x, train, mask_B, sums_B2C, max_pool=nxt.window)
                     fused = True  # the pool ran with the batch norm
@@ -300,10 +334,14 @@ class Sequential(nn.Module):
                 sums_B2C = None
             elif not return_features and self._relu_follows_conv(i):
                 if train and isinstance(self._layer(i + 2), BatchNorm):
-                    x, sums_B2C = layer(x, train=train, activation="relu", stats=True)
+                    x, sums_B2C = layer(
+                        x, train=train, activation="relu", stats=True, in_affine=affine
+                    )
                 else:
-                    x = layer(x, train=train, activation="relu")
-                fused = True
+                    x = layer(x, train=train, activation="relu", in_affine=affine)
+                fused, affine = True, None
+            elif affine is not None:
+                x, affine = layer(x, train=train, in_affine=affine), None
             else:
                 x = layer(x, train=train)
             if return_features:
@@ -312,6 +350,13 @@ class Sequential(nn.Module):
 
     def _layer(self, i: int) -> nn.Module | None:
         return self.layers[i] if i < len(self.layers) else None
+
+    def _folds(self, i: int, in_shape: Shape) -> bool:
+        """A batch norm whose map folds into the Conv right after it (no padding, groups 1):
+        the normalized tensor is never written, and its backward pass needs no reductions of
+        its own (the conv's kernel gradient carries them)."""
+        nxt = self._layer(i + 1)
+        return isinstance(nxt, Conv) and nxt.folds(in_shape)
 
     def _relu_follows_conv(self, i: int) -> bool:
         """Conv then relu: one call, so that a lowering can fuse them (the native one does, and

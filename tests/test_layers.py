@@ -1094,3 +1094,59 @@ def test_batch_norm_max_pool_picks_and_refuses():
             layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=train, impl="native")
     with pytest.raises(ValueError, match="impl must be auto, native or xla"):
         layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=True, impl="direct")
+
+
+# ------------------------------------------------------------------- batch norm as an affine map
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(stride=(2, 1), dilation=2), dict(padding=1)],
+    ids=["valid", "strided", "padded"],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_fold_affine_is_the_conv_of_the_affine_map_without_padding(kw, bias):
+    rng = np.random.default_rng(31)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32) if bias else None
+    inv, shift = (jnp.asarray(rng.standard_normal(3), jnp.float32) for _ in range(2))
+    want = layers.conv2d(
+        x * inv.reshape(1, 1, 1, 3) + shift.reshape(1, 1, 1, 3), w, b, impl="xla", **kw
+    )
+    got = layers.conv2d(x, *layers.fold_affine(w, b, inv, shift), impl="xla", **kw)
+    if "padding" in kw:  # the border taps read padding zeros, which are not x * inv + shift
+        assert not np.allclose(got, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[:, 1:-1, 1:-1], want[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_sums", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_affine_is_batch_norm(train, with_sums):
+    """x * inv + shift equals batch_norm(x), with the same running statistics and gradients
+    (through the sums, when given, else through x)."""
+    rng = np.random.default_rng(32)
+    x = jnp.asarray(rng.standard_normal((5, 4, 4, 3)) * 2 + 1, jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(3), jnp.float32) for _ in range(2))
+    mean, var = jnp.asarray([0.1, -0.2, 0.3]), jnp.asarray([1.5, 0.5, 2.0])
+    mask = jnp.asarray([1.0, 1.0, 0.0, 1.0, 1.0])
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def sums(x):
+        return jnp.stack([jnp.sum(x, axis=(1, 2)), jnp.sum(x * x, axis=(1, 2))], axis=1)
+
+    def affine(x, scale, bias):
+        s = sums(x) if with_sums else None
+        inv, shift, m, v = layers.batch_norm_affine(
+            x, scale, bias, mean, var, train=train, mask_B=mask, sums_B2C=s
+        )
+        y = x * inv.reshape(1, 1, 1, -1) + shift.reshape(1, 1, 1, -1)
+        return jnp.sum(y * g), (y, m, v)
+
+    def plain(x, scale, bias):
+        y, m, v = layers.batch_norm(x, scale, bias, mean, var, train=train, mask_B=mask)
+        return jnp.sum(y * g), (y, m, v)
+
+    got = jax.jit(jax.value_and_grad(affine, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+    want = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

@@ -449,3 +449,96 @@ def test_sequential_fuses_conv_relu_batch_norm_max_pool_when_training(pool, monk
     got = loss(fused)(variables["params"], x)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
     assert calls == ([2] if pool else [])
+
+
+# ------------------------------------------------------------------- batch norm folded into conv
+def _fold_net():
+    """BN before a VALID conv (folds), before a strided dilated one (folds), before a padded
+    one (does not: the padding's zeros are not normalized values), and a plain conv head."""
+    return Sequential(
+        [
+            Conv(8, 3, use_bias=False),
+            Activation("relu"),
+            BatchNorm(),
+            Conv(8, 2, stride=2, dilation=2),
+            Activation("relu"),
+            BatchNorm(),
+            Conv(8, 3, padding=1, use_bias=False),
+            Activation("relu"),
+            BatchNorm(),
+            Conv(4, 1),
+        ]
+    )
+
+
+def _apply_grads(model, variables, x, mask, train):
+    def f(p):
+        if train:
+            y, upd = model.apply(
+                {**variables, "params": p}, x, train=True, mask_B=mask, mutable=["batch_stats"]
+            )
+        else:
+            y, upd = model.apply({**variables, "params": p}, x), {}
+        return jnp.sum(jnp.sin(y) * mask[:, None, None, None]), (y, upd)
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_sequential_folds_batch_norm_into_the_next_conv(train, monkeypatch):
+    """Folded or not, the same function: outputs, running statistics and every gradient agree,
+    and the folded gradients are as close to a float64 run of the layers as the unfolded ones."""
+    x = _x((6, 15, 15, 3), seed=21)
+    mask = jnp.asarray([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    folded, plain = _fold_net(), _fold_net().clone(fold_batch_norms=False)
+    variables = folded.init(KEY, x)
+    calls = []
+    real = layers.batch_norm_affine
+    monkeypatch.setattr(
+        layers, "batch_norm_affine", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    got = _apply_grads(folded, variables, x, mask, train)
+    assert len(calls) == 2  # not the BN before the padded conv, nor in `plain`
+    want = _apply_grads(plain, variables, x, mask, train)
+    assert len(calls) == 2
+
+    def rel(a, b):  # the largest difference, relative to the array's scale
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+    assert max(jax.tree.leaves(jax.tree.map(rel, got, want))) < 2e-5  # of each array's scale
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+        ref = _apply_grads(plain, to64(variables), to64(x), to64(mask), train)
+        err_fold = max(jax.tree.leaves(jax.tree.map(rel, got[1], ref[1])))
+        err_plain = max(jax.tree.leaves(jax.tree.map(rel, want[1], ref[1])))
+    assert err_fold < max(10 * err_plain, 1e-5), (err_fold, err_plain)
+
+
+def test_tiny_folds_its_four_batch_norms_before_convs(monkeypatch):
+    from cnn import models
+
+    model = models.tiny()
+    x = _x((2, 28, 28, 1))
+    variables = model.init(KEY, x)
+    calls = []
+    real = layers.batch_norm_affine
+    monkeypatch.setattr(
+        layers, "batch_norm_affine", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert len(calls) == 4  # the fifth batch norm runs with the max pool after it
+    _, feats = model.apply(variables, x, return_features=True)
+    assert len(calls) == 4  # features are every layer's own output: nothing folds
+    assert "2_batchnorm" in feats
+
+
+def test_conv_in_affine_needs_no_padding():
+    x = _x((1, 6, 6, 2))
+    conv = Conv(3, 3, padding=1)
+    params = conv.init(KEY, x)
+    affine = (jnp.ones(2), jnp.zeros(2))
+    with pytest.raises(ValueError, match="in_affine needs no padding and groups=1"):
+        conv.apply(params, x, in_affine=affine)
+    assert not conv.folds(x.shape) and Conv(3, 3).folds(x.shape)
+    assert not Conv(4, 3, groups=2).folds(x.shape)
