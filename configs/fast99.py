@@ -2,10 +2,10 @@
 
 Run:
   MNIST_DIR=../shared/data/mnist python3 scripts/train.py --config configs/fast99.py --workdir runs/fast99
-Measured: 30,946 params; score [0.0277, 0.9913]; wall 14.8 s (2-core AMD EPYC Zen 4 CPU, BENCHMARKS.md;
-the median of five runs, 13.4-15.1 s, each with an empty compilation cache and the native kernel
-built; the code before the fused layers took 13.7-14.4 s alternated with them, 12.3 s in a faster
-hour). Before the native convolution kernel: 12.4 s on a faster Zen 5, 15.0-16.3 s on this Zen 4.
+Measured: 30,946 params; score [0.0267, 0.9920]; wall 14.1 s (2-core AMD EPYC Zen 4 CPU, BENCHMARKS.md;
+the median of five runs, 13.5-19.7 s, each with an empty compilation cache and the native kernel
+built; 15 s held in four of five, the 19.7 s one in a slow phase of the machine). Before the
+native convolution kernel: 12.4 s on a faster Zen 5, 15.0-16.3 s on this Zen 4.
 """
 
 from configs import base
