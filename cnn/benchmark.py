@@ -12,7 +12,8 @@ With `peer="torch"` the same architecture is translated layer by layer to PyTorc
 (`to_torch`), trained with the same batch size, optimizer, learning rate, loss, data shape,
 preprocessing and augmentation for the same number of steps, and timed the same way, in rounds
 that alternate with ours (`PEER_ROUNDS`), so that the ratio compares the two at the same minutes
-of the machine. torch is
+of the machine; `round_ratios` are each round's own, and `ratio_median` their median, which a
+slow phase of the machine during a few rounds moves less than the overall `ratio`. torch is
 imported only then: `cnn` does not require it. On a machine busy with other work, torch's
 default OpenMP spin-waiting with 2 threads can slow it many-fold; `OMP_WAIT_POLICY=PASSIVE` in
 the environment avoids that (recorded in the result as omp_wait_policy), as does an idle machine.
@@ -239,8 +240,8 @@ def _time_ours(
     make_peer: Callable[[], TorchPeer] | None = None,
     peer_rounds: int = PEER_ROUNDS,
 ):
-    """(seconds for the timed steps, timed steps, compile seconds, params, peak RSS in MB,
-    profile or None, the peer's seconds or None).
+    """(our seconds per round, timed steps, compile seconds, params, peak RSS in MB, profile
+    or None, the peer's seconds per round or None).
 
     make_peer: builds the peer after our warm-up; it warms up too, then our timed chunks run in
     up to peer_rounds rounds, each followed by as many of the peer's steps, so that both see the
@@ -268,20 +269,20 @@ def _time_ours(
     peer, peer_seconds, rss_mb = None, None, None
     if make_peer is not None:
         rss_mb = peak_rss_mb()  # ours alone: torch's memory would count once it is built
-        peer, peer_seconds = make_peer(), 0.0
+        peer, peer_seconds = make_peer(), []
         peer.run(warmup)
     timed = chunks[n_warm : n_warm + n_timed]
     rounds = min(peer_rounds, n_timed) if peer is not None else 1
-    seconds = 0.0
+    seconds = []
     for r in range(rounds):
         part = timed[r * n_timed // rounds : (r + 1) * n_timed // rounds]
         t = time.perf_counter()
         for chunk_args in part:
             state, metrics = compiled(state, *data, *chunk_args)
         jax.block_until_ready((state, metrics))
-        seconds += time.perf_counter() - t
+        seconds.append(time.perf_counter() - t)
         if peer is not None:
-            peer_seconds += peer.run(len(part) * chunk)
+            peer_seconds.append(peer.run(len(part) * chunk))
     rss_mb = peak_rss_mb() if rss_mb is None else rss_mb
     profiled = None
     if profile:
@@ -342,9 +343,10 @@ def benchmark(
         def make_peer():
             return TorchPeer(config, model, images_NHWC, labels_N, peer_device)
 
-    seconds, timed_steps, compile_s, params, rss_mb, profiled, peer_seconds = _time_ours(
+    round_s, timed_steps, compile_s, params, rss_mb, profiled, peer_round_s = _time_ours(
         config, model, images_NHWC, labels_N, steps, warmup, profile, make_peer, peer_rounds
     )
+    seconds = sum(round_s)
     images_per_s = timed_steps * config.batch_size / seconds
     gflops = training_gflops(macs, images_per_s)
     measured_peak = matmul_gflops()
@@ -387,16 +389,21 @@ def benchmark(
             else None,
         }
     if peer == "torch":
+        peer_seconds = sum(peer_round_s)
         peer_images_per_s = timed_steps * config.batch_size / peer_seconds
+        # each round ran the same steps on both sides, next to each other in time
+        round_ratios = [p / o for o, p in zip(round_s, peer_round_s, strict=True)]
         result.update(
             peer_images_per_s=peer_images_per_s,
             peer_seconds=peer_seconds,
             peer_gflops=training_gflops(macs, peer_images_per_s),
             peer_peak_rss_mb=peak_rss_mb(),
             ratio=images_per_s / peer_images_per_s,
+            round_ratios=round_ratios,
+            ratio_median=float(np.median(round_ratios)),
             peer_device=peer_device,
             peer_threads=2 if peer_device == "cpu" else None,
-            peer_rounds=min(peer_rounds, timed_steps // train.dispatch_steps(config, steps)),
+            peer_rounds=len(round_ratios),
             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
         )
     return result

@@ -57,7 +57,8 @@ def _format(r: dict) -> str:
         lines += [
             f"{r['peer']:<12} {r['peer_images_per_s']:,.0f} images/s on {r['peer_device']}"
             f" ({r['peer_gflops']:.2f} GFLOP/s)",
-            f"ratio        {r['ratio']:.2f}x (ours / {r['peer']})",
+            f"ratio        {r['ratio']:.2f}x (ours / {r['peer']}); by round"
+            f" {', '.join(f'{x:.2f}' for x in r['round_ratios'])}: median {r['ratio_median']:.2f}x",
         ]
     if "profile" in r:
         lines += _format_profile(r["profile"])

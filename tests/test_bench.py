@@ -143,11 +143,14 @@ def test_peer_runs_in_rounds_between_our_chunks(monkeypatch):
     config = _small_config()
     result = benchmark.benchmark(config, steps=8, warmup=2, peer="torch")
     assert result["steps"] == 8 and result["peer_rounds"] == 4
+    assert len(result["round_ratios"]) == 4
+    assert result["ratio_median"] == pytest.approx(float(np.median(result["round_ratios"])))
     # our warm-up chunk, the peer's warm-up, then four rounds of one chunk (2 steps) each
     assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2), ("peer", 2)] * 4
     calls.clear()  # peer_rounds=1: all of ours, then all of the peer's
     result = benchmark.benchmark(config, steps=8, warmup=2, peer="torch", peer_rounds=1)
-    assert result["peer_rounds"] == 1
+    assert result["peer_rounds"] == 1 and len(result["round_ratios"]) == 1
+    assert result["round_ratios"][0] == pytest.approx(result["ratio"])
     assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2)] * 4 + [("peer", 8)]
 
 
