@@ -32,6 +32,15 @@ def _assert_close(actual, expected, what: str):
     )
 
 
+def _assert_outputs_close(got_all, want_all):
+    """(y, dx, dw, db) against the reference's; a None (no bias) on both sides."""
+    for what, got, want in zip(("y", "dx", "dw", "db"), got_all, want_all, strict=True):
+        if want is None:
+            assert got is None, what
+        else:
+            _assert_close(got, want, what)
+
+
 @pytest.fixture(autouse=True)
 def _native_loaded():
     """Every test here needs the library; a build failure fails loudly, it is never skipped."""
@@ -94,11 +103,7 @@ def test_values_and_all_gradients_equal_lax(case, bias, relu):
     outs = jax.jit(both)(x, w, bias_O, _rand(2, y_shape))
     if relu and outs["lax"][0].size >= 16:  # the mask is exercised: some outputs are cut
         assert 0.2 < float(np.mean(np.asarray(outs["lax"][0]) == 0)) < 0.8
-    for what, got, want in zip(("y", "dx", "dw", "db"), outs["native"], outs["lax"], strict=True):
-        if want is None:
-            assert got is None, what
-        else:
-            _assert_close(got, want, what)
+    _assert_outputs_close(outs["native"], outs["lax"])
 
 
 def test_conv2d_impl_native_with_bias_and_padding_forms():
@@ -305,11 +310,7 @@ def test_dense_values_and_gradients_equal_lax(case, bias, relu):
     outs = jax.jit(both)(x, w, bias_O, _rand(23, (b, 1, 1, o)))
     hlo = jax.jit(lambda x, w: layers.conv2d(x, w, impl="native")).lower(x, w).as_text()
     assert "cnn_dense" in hlo and "cnn_conv" not in hlo
-    for what, got, want in zip(("y", "dx", "dw", "db"), outs["native"], outs["xla"], strict=True):
-        if want is None:
-            assert got is None, what
-        else:
-            _assert_close(got, want, what)
+    _assert_outputs_close(outs["native"], outs["xla"])
 
 
 def test_dense_is_the_same_bits_every_time():
