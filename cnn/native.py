@@ -12,6 +12,10 @@ is read. So the relu and the batch norm's statistics take no pass over memory of
 a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and
 pools, and the backward pass needs only the pooled gradient.
 
+`dense(x_BK, w_KO)` is a kernel that covers its whole input as a matmul with few outputs (O <=
+32), forward and gradients; `adam_moments` is Adam's moment update for one array
+(`cnn.optim`).
+
 The library is compiled from `native/conv.cc` by the machine's C++ compiler on first use (`-O3
 -march=native`, a few seconds) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
 compiler, the flags and the CPU. `unavailable_reason()` says why it cannot be used, if so
@@ -273,25 +277,14 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     # as autodiff of "+ b" takes it, keeps the bits of conv + b
     native_db = b_O is not None and a_BHWO is not None
     attrs = {**_pad_attrs(pads), "mask": a_BHWO is not None, "bias": native_db}
-    if _swap_dw((kh, kw), pads, c, o):  # the same sums, with the lanes on the wider side
-        dw_11OC, db_O = jax.ffi.ffi_call(
-            "cnn_conv_dw",
-            (
-                jax.ShapeDtypeStruct((1, 1, o, c), jnp.float32),
-                jax.ShapeDtypeStruct((o,), jnp.float32),
-            ),
-            vmap_method="sequential",
-        )(g_BHWO, x_BHWC, m, **attrs, swap=True)
-        dw_HWIO = dw_11OC.transpose(0, 1, 3, 2)
-    else:
-        dw_HWIO, db_O = jax.ffi.ffi_call(
-            "cnn_conv_dw",
-            (
-                jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32),
-                jax.ShapeDtypeStruct((o,), jnp.float32),
-            ),
-            vmap_method="sequential",
-        )(x_BHWC, g_BHWO, m, **attrs, swap=False)
+    swap = _swap_dw((kh, kw), pads, c, o)  # the same sums, with the lanes on the wider side
+    a, b, dw_shape = (g_BHWO, x_BHWC, (1, 1, o, c)) if swap else (x_BHWC, g_BHWO, w_HWIO.shape)
+    dw, db_O = jax.ffi.ffi_call(
+        "cnn_conv_dw",
+        (jax.ShapeDtypeStruct(dw_shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
+        vmap_method="sequential",
+    )(a, b, m, **attrs, swap=swap)
+    dw_HWIO = dw.transpose(0, 1, 3, 2) if swap else dw
     if b_O is None:
         return dx_BHWC, dw_HWIO, None
     return dx_BHWC, dw_HWIO, db_O if native_db else jnp.sum(g_BHWO, axis=(0, 1, 2))
