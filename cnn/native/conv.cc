@@ -8,13 +8,13 @@
 // the values are read. cnn_conv_dw with swap=1 (1x1 kernels, no padding) takes x and g in each
 // other's places: the mask then applies to x, and db[c] = sum of (masked) x. A 1x1 kernel
 // gradient with few output channels (10) and more input channels (32) is cheaper so, as the
-// caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is cnn_conv of g with the flipped,
-// transposed kernel (cnn/native.py). Output channels are held
+// caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is
+// cnn_conv of g with the flipped, transposed kernel (cnn/native.py). Output channels are held
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
 // several output columns at a time; images are shared among XLA's intra-op threads.
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -44,6 +44,35 @@ constexpr int kRegs = 16;
 constexpr int64_t kDwGroup = 4;  // images per partial sum of the kernel gradient
 
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+
+// f(std::integral_constant<int, NV>{}) for NV in 1..4 8-lane vectors (callers check nv <= 4).
+template <class F>
+void with_vectors(int64_t nv, F&& f) {
+  switch (nv) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
+// f(std::integral_constant<int, R>{}) for the runtime count r in 1..N: the tail of a loop in
+// blocks of a compile-time size, run as one block of its own size.
+template <int N, class F>
+void with_count(int64_t r, F&& f) {
+  if constexpr (N > 0) {
+    if (r == N) return f(std::integral_constant<int, N>{});
+    with_count<N - 1>(r, f);
+  }
+}
+
+// rows x n floats (src, rows n apart) into rows `width` apart, the rest of each row zero.
+inline void pack_rows(float* dst, const float* src, int64_t rows, int64_t n, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * width, src + r * n, sizeof(float) * n);
+    std::fill(dst + r * width + n, dst + (r + 1) * width, 0.0f);
+  }
+}
 
 // Runs body(item, worker) for item in [0, n) on the calling thread and the pool's threads.
 // Items are claimed from a shared counter, so a busy pool thread never blocks the call.
@@ -151,15 +180,6 @@ inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, c
   }
 }
 
-template <int NV, int XB>
-void conv_row_tail(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
-                   float* yout, int r) {
-  if constexpr (XB > 0) {
-    if (r == XB) return conv_block<NV, XB>(g, e, xin, wp, yout);
-    conv_row_tail<NV, XB - 1>(g, e, xin, wp, yout, r);
-  }
-}
-
 template <int NV>
 void conv_image(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
                 float* y) {
@@ -170,12 +190,11 @@ void conv_image(const Geometry& g, const Epilogue& e, const float* xin, const fl
     int64_t j = 0;
     for (; j + XB <= g.Wo; j += XB)
       conv_block<NV, XB>(g, e, xrow + j * g.C, wp, yrow + j * g.O);
-    if (j < g.Wo)
-      conv_row_tail<NV, XB - 1>(g, e, xrow + j * g.C, wp, yrow + j * g.O, int(g.Wo - j));
+    with_count<XB - 1>(g.Wo - j, [&](auto r) {
+      conv_block<NV, r>(g, e, xrow + j * g.C, wp, yrow + j * g.O);
+    });
   }
 }
-
-using ImageFn = void (*)(const Geometry&, const Epilogue&, const float*, const float*, float*);
 
 // dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
 // input offsets from the output pixel are off[k]: TB x NV accumulators over all output pixels,
@@ -212,15 +231,6 @@ inline void dw_block(const Geometry& g, const float* xin, const float* gp, const
     }
 }
 
-template <int NV, int TB>
-void dw_tail(const Geometry& g, const float* xin, const float* gp, const int64_t* off,
-             float* out, int r) {
-  if constexpr (TB > 0) {
-    if (r == TB) return dw_block<NV, TB, false>(g, xin, gp, off, out);
-    dw_tail<NV, TB - 1>(g, xin, gp, off, out, r);
-  }
-}
-
 template <int NV>
 void dw_image(const Geometry& g, const float* xin, const float* gp, float* part) {
   constexpr int TB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
@@ -236,30 +246,10 @@ void dw_image(const Geometry& g, const float* xin, const float* gp, float* part)
     else
       dw_block<NV, TB, false>(g, xin, gp, &off[t], part + t * NV * 8);
   }
-  if (t < taps) dw_tail<NV, TB - 1>(g, xin, gp, &off[t], part + t * NV * 8, int(taps - t));
+  with_count<TB - 1>(taps - t, [&](auto r) {
+    dw_block<NV, r, false>(g, xin, gp, &off[t], part + t * NV * 8);
+  });
 }
-
-using DwFn = void (*)(const Geometry&, const float*, const float*, float*);
-
-// F<1> .. F<4> by the number of 8-lane output vectors; nullptr past 4.
-template <class Fn, template <int> class Table>
-Fn by_vectors(int64_t nv) {
-  switch (nv) {
-    case 1: return Table<1>::fn;
-    case 2: return Table<2>::fn;
-    case 3: return Table<3>::fn;
-    case 4: return Table<4>::fn;
-    default: return nullptr;
-  }
-}
-template <int NV>
-struct ConvTable {
-  static constexpr ImageFn fn = conv_image<NV>;
-};
-template <int NV>
-struct DwTable {
-  static constexpr DwFn fn = dw_image<NV>;
-};
 
 // The mask source m must have x's shape when mask is set.
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
@@ -284,12 +274,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (stats && int64_t(s->element_count()) != g.B * 2 * g.O)
     return ffi::Error::InvalidArgument("cnn_conv: expects stats shaped (B, 2, O)");
   const int64_t nv = (g.O + 7) / 8;
-  ImageFn fn = by_vectors<ImageFn, ConvTable>(nv);
-  if (!fn) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
-  std::vector<float> wp(g.KH * g.KW * g.C * nv * 8, 0.0f), bp(nv * 8, 0.0f);
-  for (int64_t t = 0; t < g.KH * g.KW * g.C; ++t)
-    std::memcpy(&wp[t * nv * 8], w.typed_data() + t * g.O, sizeof(float) * g.O);
-  std::memcpy(bp.data(), b.typed_data(), sizeof(float) * g.O);
+  if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
+  std::vector<float> wp(g.KH * g.KW * g.C * nv * 8), bp(nv * 8);
+  pack_rows(wp.data(), w.typed_data(), g.KH * g.KW * g.C, g.O, nv * 8);
+  pack_rows(bp.data(), b.typed_data(), 1, g.O, nv * 8);
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
   std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
   std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
@@ -302,7 +290,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                                       scratch.empty() ? nullptr : &scratch[worker * img]);
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
-    fn(g, Epilogue{bp.data(), relu, image_sums}, xin, wp.data(), ys + i * g.Ho * g.Wo * g.O);
+    with_vectors(nv, [&](auto nv_c) {
+      conv_image<nv_c>(g, Epilogue{bp.data(), relu, image_sums}, xin, wp.data(),
+                       ys + i * g.Ho * g.Wo * g.O);
+    });
     if (stats) {  // per image, so the bits do not depend on the threads
       float* out = s->typed_data() + i * 2 * g.O;
       for (int k = 0; k < 2; ++k)
@@ -331,8 +322,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (g.Ho != g.Hp - g.KH + 1 || g.Wo != g.Wp - g.KW + 1 || gd[0] != g.B)
     return ffi::Error::InvalidArgument("cnn_conv_dw: gradient shape does not match the geometry");
   const int64_t nv = (g.O + 7) / 8;
-  DwFn fn = by_vectors<DwFn, DwTable>(nv);
-  if (!fn) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
+  if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
   const int64_t workers = workers_of(pool);
   const int64_t dw_size = g.KH * g.KW * g.C * nv * 8;
   const int64_t taps = dw_size + std::max(nv * 8, g.C);  // per group: dw, then db
@@ -363,7 +353,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
         gp = dst;
       }
-      fn(g, xin, gp, part_g);
+      with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, xin, gp, part_g); });
       if (!bias) continue;
       // the bias gradient: g (swap: x) summed over the pixels, in the same order either way
       float* db_part = part_g + dw_size;
@@ -421,17 +411,6 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
   if (pd[0] != g.B || pd[1] != g.Ho || pd[2] != g.Wo || pd[3] != g.C)
     return ffi::Error::InvalidArgument("cnn_bn_pool: pooled shape does not match the input");
   return ffi::Error::Success();
-}
-
-// f(std::integral_constant<int, NV>{}) for NV = C / 8 in 1..4 (checked by pool_geometry).
-template <class F>
-void with_vectors(int64_t C, F&& f) {
-  switch (C / 8) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
-  }
 }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -531,7 +510,7 @@ ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
   auto body = [&](int64_t b, int64_t) {
     const float* ab = as + b * n_in;
-    with_vectors(g.C, [&](auto nv) {
+    with_vectors(g.C / 8, [&](auto nv) {
       bn_pool_image<nv>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
     });
   };
@@ -555,7 +534,8 @@ ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
     const float *gb = gs + b * n_out, *ab = as + b * n_in;
     const uint8_t* ib = is + b * n_out;
     float* sb = ss + b * 2 * g.C;
-    with_vectors(g.C, [&](auto nv) { bn_pool_sums_image<nv>(g, off.data(), gb, ib, ab, mu, sb); });
+    with_vectors(g.C / 8,
+                 [&](auto nv) { bn_pool_sums_image<nv>(g, off.data(), gb, ib, ab, mu, sb); });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
@@ -580,7 +560,7 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
     const float *gb = gs + b * n_out, *ab = as + b * n_in;
     const uint8_t* ib = is + b * n_out;
     float* db = ds + b * n_in;
-    with_vectors(g.C, [&](auto nv) {
+    with_vectors(g.C / 8, [&](auto nv) {
       bn_pool_grad_image<nv>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
     });
   };
@@ -614,14 +594,6 @@ inline void dense_rows(const float* x, int64_t K, const float* wp, int64_t n, fl
     for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(out + (i * NV + v) * 8) = acc[i][v];
 }
 
-template <int NV, int XB>
-void dense_rows_tail(const float* x, int64_t K, const float* wp, int64_t n, float* out, int r) {
-  if constexpr (XB > 0) {
-    if (r == XB) return dense_rows<NV, XB>(x, K, wp, n, out);
-    dense_rows_tail<NV, XB - 1>(x, K, wp, n, out, r);
-  }
-}
-
 ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -629,23 +601,23 @@ ffi::Error DenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       yd[1] != wd[1] || wd[1] < 1 || wd[1] > 32)
     return ffi::Error::InvalidArgument("cnn_dense: expects x (B, K), w (K, O <= 32), y (B, O)");
   const int64_t B = xd[0], K = xd[1], O = wd[1];
-  with_vectors((O + 7) / 8 * 8, [&](auto nv_c) {
+  with_vectors((O + 7) / 8, [&](auto nv_c) {
     constexpr int NV = decltype(nv_c)::value;
     constexpr int XB = std::max(1, std::min(12, (kRegs - NV - 2) / NV));
     const int64_t chunks = (K + kDenseChunk - 1) / kDenseChunk, workers = workers_of(pool);
     std::vector<float> part(chunks * B * NV * 8);
-    std::vector<float> packed(workers * kDenseChunk * NV * 8, 0.0f);
+    std::vector<float> packed(workers * kDenseChunk * NV * 8);
     auto body = [&](int64_t c, int64_t worker) {
       const int64_t k0 = c * kDenseChunk, n = std::min(kDenseChunk, K - k0);
       float* wp = &packed[worker * kDenseChunk * NV * 8];
-      for (int64_t k = 0; k < n; ++k)
-        std::memcpy(wp + k * NV * 8, w.typed_data() + (k0 + k) * O, sizeof(float) * O);
+      pack_rows(wp, w.typed_data() + k0 * O, n, O, NV * 8);
       float* out = &part[c * B * NV * 8];
       const float* xs = x.typed_data() + k0;
       int64_t b = 0;
       for (; b + XB <= B; b += XB) dense_rows<NV, XB>(xs + b * K, K, wp, n, out + b * NV * 8);
-      if (b < B)
-        dense_rows_tail<NV, XB - 1>(xs + b * K, K, wp, n, out + b * NV * 8, int(B - b));
+      with_count<XB - 1>(B - b, [&](auto r) {
+        dense_rows<NV, r>(xs + b * K, K, wp, n, out + b * NV * 8);
+      });
     };
     parallel_for(pool, chunks, workers, body);
     for (int64_t b = 0; b < B; ++b)
@@ -724,15 +696,6 @@ inline void dense_dw_block(const float* x, int64_t B, int64_t K, const float* gp
         dw[t * O + o] = acc[t][v][o - v * 8];
 }
 
-template <int NV, int TB>
-void dense_dw_tail(const float* x, int64_t B, int64_t K, const float* gp, int64_t O, float* dw,
-                   int r) {
-  if constexpr (TB > 0) {
-    if (r == TB) return dense_dw_block<NV, TB>(x, B, K, gp, O, dw);
-    dense_dw_tail<NV, TB - 1>(x, B, K, gp, O, dw, r);
-  }
-}
-
 ffi::Error DenseDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
                        ffi::ResultBuffer<ffi::F32> dw) {
   auto xd = x.dimensions(), gd = g.dimensions(), wd = dw->dimensions();
@@ -740,20 +703,20 @@ ffi::Error DenseDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       wd[1] != gd[1] || gd[1] < 1 || gd[1] > 32)
     return ffi::Error::InvalidArgument("cnn_dense_dw: expects x (B, K), g (B, O <= 32), dw (K, O)");
   const int64_t B = xd[0], K = xd[1], O = gd[1];
-  with_vectors((O + 7) / 8 * 8, [&](auto nv_c) {
+  with_vectors((O + 7) / 8, [&](auto nv_c) {
     constexpr int NV = decltype(nv_c)::value;
     constexpr int TB = std::max(1, std::min(12, (kRegs - NV - 2) / NV));
-    std::vector<float> gp(B * NV * 8, 0.0f);  // g's rows in whole vectors
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(&gp[b * NV * 8], g.typed_data() + b * O, sizeof(float) * O);
+    std::vector<float> gp(B * NV * 8);  // g's rows in whole vectors
+    pack_rows(gp.data(), g.typed_data(), B, O, NV * 8);
     auto body = [&](int64_t c, int64_t) {
       const int64_t k0 = c * kDenseChunk, k1 = std::min(K, k0 + kDenseChunk);
       const float* xs = x.typed_data();
       float* out = dw->typed_data();
       int64_t k = k0;
       for (; k + TB <= k1; k += TB) dense_dw_block<NV, TB>(xs + k, B, K, gp.data(), O, out + k * O);
-      if (k < k1)
-        dense_dw_tail<NV, TB - 1>(xs + k, B, K, gp.data(), O, out + k * O, int(k1 - k));
+      with_count<TB - 1>(k1 - k, [&](auto r) {
+        dense_dw_block<NV, r>(xs + k, B, K, gp.data(), O, out + k * O);
+      });
     };
     parallel_for(pool, (K + kDenseChunk - 1) / kDenseChunk, workers_of(pool), body);
   });
