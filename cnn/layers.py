@@ -184,20 +184,13 @@ def conv2d(
             f" {c_io}, padding {pads}, kernel {kernel}"
         )
     act = None if activation is None else activations.get(activation)
-    if dense:  # one window: x (B, K) @ w (K, O)
-        b = x_BHWC.shape[0]
-        y_BO = native.dense(x_BHWC.reshape(b, -1), w_HWIO.reshape(-1, c_io[1]))
-        y_BHWO = y_BO.reshape(b, 1, 1, c_io[1])
-        if b_O is not None:
-            y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
-        y_BHWO = y_BHWO if act is None else act(y_BHWO)
-        return (y_BHWO, None) if stats else y_BHWO
-    if impl == "native" and (act is None or activation == "relu"):
+    if impl == "native" and not dense and (act is None or activation == "relu"):
         return native.conv(x_BHWC, w_HWIO, pads, b_O, relu=act is not None, stats=stats)
-    if impl == "native":
+    if impl == "native" and not dense:
         y_BHWO = native.conv(x_BHWC, w_HWIO, pads, b_O)
     else:
-        y_BHWO = _LOWERINGS[impl](x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
+        lowering = _native_dense if dense else _LOWERINGS[impl]
+        y_BHWO = lowering(x_BHWC, w_HWIO, st, pads, dil, groups, out_hw)
         if b_O is not None:
             y_BHWO = y_BHWO + b_O.reshape(1, 1, 1, -1)
     y_BHWO = y_BHWO if act is None else act(y_BHWO)
@@ -398,13 +391,21 @@ def _conv_direct(x, w, stride, pads, dilation, groups, out_hw):
     return _direct(x, w, pads, dilation)
 
 
+def _native_dense(x, w, stride, pads, dilation, groups, out_hw):
+    """A kernel that covers the unpadded input (checked by conv2d): x (B, K) @ w (K, O)."""
+    del stride, pads, dilation, groups, out_hw
+    b, o = x.shape[0], w.shape[3]
+    return native.dense(x.reshape(b, -1), w.reshape(-1, o)).reshape(b, 1, 1, o)
+
+
 _LOWERINGS: dict[str, Callable[..., Array]] = {
     "xla": _conv_xla,
     "dense": _conv_dense,
     "pointwise": _conv_pointwise,
     "im2col": _conv_im2col,
     "direct": _conv_direct,
-}  # and "native": `native.conv`, which also takes the bias, relu and statistics
+}  # and "native": `native.conv`, which also takes the bias, relu and statistics, or
+# `_native_dense` for a kernel that covers the input
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -562,8 +563,7 @@ def batch_norm_affine(
     else:
         mean, _, var, r = _bn_stats(x_BHWC, mask_B, sums_B2C, float(eps))
         mean_C, var_C = _running_stats(mean_C, var_C, mean, var, momentum)
-    inv = r * scale_C
-    return inv, bias_C - mean * inv, mean_C, var_C
+    return *_bn_affine(mean, r, scale_C, bias_C), mean_C, var_C
 
 
 def fold_affine(w_HWIO: Array, b_O: Array | None, inv_C: Array, shift_C: Array):
@@ -622,7 +622,8 @@ def batch_norm_max_pool(
 
 
 def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C, stop=True):
-    """Shape checks of batch norm's arguments; returns sums_B2C without a gradient path."""
+    """Shape checks of batch norm's arguments; returns sums_B2C, its gradient path stopped
+    unless stop=False."""
     c = x_BHWC.shape[-1]
     chex.assert_rank(
         x_BHWC, {2, 4}, custom_message=f"{where}: input must be (B, C) or NHWC, got {x_BHWC.shape}"
@@ -666,10 +667,16 @@ def _per_channel(v_C: Array, x: Array) -> Array:
     return v_C.reshape((1,) * (x.ndim - 1) + (-1,))
 
 
+def _bn_affine(mean_C, r_C, scale_C, bias_C):
+    """(inv, shift): batch norm as x * inv + shift, for r = rsqrt(variance + eps)."""
+    inv = r_C * scale_C
+    return inv, bias_C - mean_C * inv
+
+
 def _bn_apply(x, mean_C, r_C, scale_C, bias_C):
     """(x - mean) * r * scale + bias, as one multiply-add per value."""
-    inv = r_C * scale_C
-    return x * _per_channel(inv, x) + _per_channel(bias_C - mean_C * inv, x)
+    inv, shift = _bn_affine(mean_C, r_C, scale_C, bias_C)
+    return x * _per_channel(inv, x) + _per_channel(shift, x)
 
 
 def _bn_stats(x, mask_B, sums_B2C, eps):
@@ -747,8 +754,7 @@ _batch_norm_train.defvjp(_bn_forward, _batch_norm_train_bwd)
 
 def _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     mean, var_raw, var, r = _bn_stats(x, mask_B, sums_B2C, eps)
-    inv = r * scale_C
-    y, at = native.bn_max_pool(x, inv, bias_C - mean * inv, win)
+    y, at = native.bn_max_pool(x, *_bn_affine(mean, r, scale_C, bias_C), win)
     return (y, mean, var), (x, at, scale_C, mask_B, mean, var_raw, r)
 
 

@@ -21,7 +21,7 @@ _STEPS = flags.DEFINE_integer(
 _WARMUP = flags.DEFINE_integer("warmup", 64, "Untimed training steps after compilation.")
 _ROUNDS = flags.DEFINE_integer(
     "peer_rounds",
-    4,
+    benchmark.PEER_ROUNDS,
     "With --peer: rounds alternating our steps and the peer's (1: ours, then its).",
 )
 _PROFILE = flags.DEFINE_bool(
