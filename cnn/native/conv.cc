@@ -127,17 +127,28 @@ const float* prepared_image(const Geometry& g, const float* x, const float* m, f
 }
 
 // What cnn_conv does to each output vector: add the bias (packed in NV * 8 lanes), then relu;
-// with stats, also add it and its square to the image's sums ([2][NV * 8], or nullptr).
+// with stats, also add it and its square to the image's sums ([2][NV * 8]). RELU and STATS are
+// compile-time, so the accumulators stay in registers through the epilogue.
 struct Epilogue {
   const float* bias;
-  bool relu;
   float* stats;
 };
 
+// The first n (1-7) lanes of v to p.
+inline void store_first(float* p, v8 v, int64_t n) {
+#if defined(__AVX512VL__)
+  _mm256_mask_storeu_ps(p, __mmask8((1u << n) - 1), __m256(v));
+#else
+  for (int64_t k = 0; k < n; ++k) p[k] = v[k];
+#endif
+}
+
 // XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*8].
-template <int NV, int XB>
+// A ragged last vector is stored whole where 8 lanes fit before the image's end (yend): its
+// extra lanes land on later pixels' outputs, which their own stores write afterwards.
+template <int NV, int XB, bool RELU, bool STATS>
 inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
-                       float* yout) {
+                       float* yout, const float* yend) {
   v8 acc[XB][NV];
   for (int i = 0; i < XB; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
@@ -156,44 +167,53 @@ inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, c
       }
     }
   }
-  const int64_t O = g.O;
-  v8 bias[NV];
-  for (int v = 0; v < NV; ++v) bias[v] = load8(e.bias + v * 8);
+  const int64_t O = g.O, full = O / 8, rest = O % 8;  // full vectors of output, lanes after
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
     for (int v = 0; v < NV; ++v) {
-      acc[i][v] += bias[v];
-      // jnp.maximum(y, 0): NaN stays NaN
-      if (e.relu) acc[i][v] = acc[i][v] < 0.0f ? v8{} : acc[i][v];
-      if (e.stats) {
+      v8 a = acc[i][v] + load8(e.bias + v * 8);
+      if (RELU) a = a < 0.0f ? v8{} : a;  // jnp.maximum(y, 0): NaN stays NaN
+      if (STATS) {
         float* s1 = e.stats + v * 8;
         float* s2 = e.stats + (NV + v) * 8;
-        *reinterpret_cast<v8u*>(s1) = load8(s1) + acc[i][v];
-        *reinterpret_cast<v8u*>(s2) = load8(s2) + acc[i][v] * acc[i][v];
+        *reinterpret_cast<v8u*>(s1) = load8(s1) + a;
+        *reinterpret_cast<v8u*>(s2) = load8(s2) + a * a;
       }
-      if ((v + 1) * 8 <= O) {
-        *reinterpret_cast<v8u*>(yo + v * 8) = acc[i][v];
-      } else {
-        for (int64_t k = v * 8; k < O; ++k) yo[k] = acc[i][v][k - v * 8];
-      }
+      if (v < full || yo + (v + 1) * 8 <= yend)
+        *reinterpret_cast<v8u*>(yo + v * 8) = a;
+      else
+        store_first(yo + v * 8, a, rest);
     }
   }
 }
 
-template <int NV>
+template <int NV, bool RELU, bool STATS>
 void conv_image(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
                 float* y) {
   constexpr int XB = std::max(1, std::min(12, (kRegs - NV - 2) / NV));
+  const float* yend = y + g.Ho * g.Wo * g.O;
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xrow = xin + i * g.Wp * g.C;
     float* yrow = y + i * g.Wo * g.O;
     int64_t j = 0;
     for (; j + XB <= g.Wo; j += XB)
-      conv_block<NV, XB>(g, e, xrow + j * g.C, wp, yrow + j * g.O);
+      conv_block<NV, XB, RELU, STATS>(g, e, xrow + j * g.C, wp, yrow + j * g.O, yend);
     with_count<XB - 1>(g.Wo - j, [&](auto r) {
-      conv_block<NV, r>(g, e, xrow + j * g.C, wp, yrow + j * g.O);
+      conv_block<NV, r, RELU, STATS>(g, e, xrow + j * g.C, wp, yrow + j * g.O, yend);
     });
   }
+}
+
+// conv_image with the flags chosen at run time.
+template <int NV>
+void conv_image(const Geometry& g, const Epilogue& e, bool relu, const float* xin,
+                const float* wp, float* y) {
+  if (relu) {
+    if (e.stats) return conv_image<NV, true, true>(g, e, xin, wp, y);
+    return conv_image<NV, true, false>(g, e, xin, wp, y);
+  }
+  if (e.stats) return conv_image<NV, false, true>(g, e, xin, wp, y);
+  conv_image<NV, false, false>(g, e, xin, wp, y);
 }
 
 // dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
@@ -291,7 +311,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
     with_vectors(nv, [&](auto nv_c) {
-      conv_image<nv_c>(g, Epilogue{bp.data(), relu, image_sums}, xin, wp.data(),
+      conv_image<nv_c>(g, Epilogue{bp.data(), image_sums}, relu, xin, wp.data(),
                        ys + i * g.Ho * g.Wo * g.O);
     });
     if (stats) {  // per image, so the bits do not depend on the threads
