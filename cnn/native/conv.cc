@@ -111,7 +111,31 @@ inline void copy_masked(float* dst, const float* x, const float* m, int64_t n) {
     std::memcpy(dst, x, sizeof(float) * n);
     return;
   }
-  for (int64_t k = 0; k < n; ++k) dst[k] = m[k] > 0.0f ? x[k] : 0.0f;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    *reinterpret_cast<v8u*>(dst + k) = load8(m + k) > 0.0f ? load8(x + k) : v8{};
+  for (; k < n; ++k) dst[k] = m[k] > 0.0f ? x[k] : 0.0f;
+}
+
+// sum[o] += src[k * n + o] for each o < n (at most 32), adding the rows k < rows in order, so
+// each lane's sum is the same as a scalar loop's; the lanes' chains run side by side.
+inline void add_rows(float* sum, const float* src, int64_t rows, int64_t n) {
+  const int64_t full = n / 8;
+  auto vectors = [&](auto nv_c) {
+    constexpr int NV = decltype(nv_c)::value;
+    v8 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = load8(sum + v * 8);
+    for (int64_t k = 0; k < rows; ++k)
+      for (int v = 0; v < NV; ++v) acc[v] += load8(src + k * n + v * 8);
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(sum + v * 8) = acc[v];
+  };
+  if (full > 0) with_vectors(full, vectors);
+  float tail[8];
+  const int64_t rest = n - full * 8;
+  for (int64_t o = 0; o < rest; ++o) tail[o] = sum[full * 8 + o];
+  for (int64_t k = 0; k < rows; ++k)
+    for (int64_t o = 0; o < rest; ++o) tail[o] += src[k * n + full * 8 + o];
+  for (int64_t o = 0; o < rest; ++o) sum[full * 8 + o] = tail[o];
 }
 
 // One image zero-padded and masked (m: its mask source, or nullptr) into scratch; x itself
@@ -379,8 +403,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       float* db_part = part_g + dw_size;
       const float* src = swap ? xin : gp;
       const int64_t n = swap ? g.C : nv * 8;
-      for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
-        for (int64_t o = 0; o < n; ++o) db_part[o] += src[k * n + o];
+      add_rows(db_part, src, g.Ho * g.Wo, n);
     }
   };
   parallel_for(pool, groups, workers, body);
