@@ -167,30 +167,12 @@ inline void store_first(float* p, v8 v, int64_t n) {
 #endif
 }
 
-// XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*8].
-// A ragged last vector is stored whole where 8 lanes fit before the image's end (yend): its
-// extra lanes land on later pixels' outputs, which their own stores write afterwards.
+// The epilogue of XB output columns: bias, relu, stats, then the stores. A ragged last vector
+// is stored whole where 8 lanes fit before yend: its extra lanes land on later pixels'
+// outputs, which their own stores write afterwards.
 template <int NV, int XB, bool RELU, bool STATS>
-inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
-                       float* yout, const float* yend) {
-  v8 acc[XB][NV];
-  for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
-  const int64_t C = g.C;
-  for (int64_t p = 0; p < g.KH; ++p) {
-    for (int64_t q = 0; q < g.KW; ++q) {
-      const float* xr = xin + (p * g.Wp + q) * C;
-      const float* wr = wp + (p * g.KW + q) * C * NV * 8;
-      for (int64_t c = 0; c < C; ++c) {
-        v8 wv[NV];
-        for (int v = 0; v < NV; ++v) wv[v] = load8(wr + (c * NV + v) * 8);
-        for (int i = 0; i < XB; ++i) {
-          const float s = xr[i * C + c];
-          for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
-        }
-      }
-    }
-  }
+inline void store_block(const Geometry& g, const Epilogue& e, v8 (&acc)[XB][NV], float* yout,
+                        const float* yend) {
   const int64_t O = g.O, full = O / 8, rest = O % 8;  // full vectors of output, lanes after
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
@@ -211,33 +193,68 @@ inline void conv_block(const Geometry& g, const Epilogue& e, const float* xin, c
   }
 }
 
+// Input offsets of the kernel taps t = (p * KW + q) * C + c from an output pixel's window.
+std::vector<int64_t> tap_offsets(const Geometry& g) {
+  std::vector<int64_t> off(g.KH * g.KW * g.C);
+  for (int64_t p = 0; p < g.KH; ++p)
+    for (int64_t q = 0; q < g.KW; ++q)
+      for (int64_t c = 0; c < g.C; ++c) off[(p * g.KW + q) * g.C + c] = (p * g.Wp + q) * g.C + c;
+  return off;
+}
+
+// XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*8]. One loop
+// over the taps (offsets off), in the order (p, q, c): nested loops over p, q and c ran 1.45x
+// slower at 16 channels (3x3x16 -> 8), and worse at 1.
+template <int NV, int XB, bool RELU, bool STATS>
+inline void conv_block(const Geometry& g, const Epilogue& e, const int64_t* off, const float* xin,
+                       const float* wp, float* yout, const float* yend) {
+  v8 acc[XB][NV];
+  for (int i = 0; i < XB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
+  const int64_t C = g.C, taps = g.KH * g.KW * g.C;
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* xr = xin + off[t];
+    v8 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load8(wp + (t * NV + v) * 8);
+    for (int i = 0; i < XB; ++i) {
+      const float s = xr[i * C];
+      for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
+    }
+  }
+  store_block<NV, XB, RELU, STATS>(g, e, acc, yout, yend);
+}
+
+// Each output row in nb blocks of nearly equal width (at most kCols columns): 26 columns run as
+// 13 + 13, not 12 + 12 + 2.
 template <int NV, bool RELU, bool STATS>
-void conv_image(const Geometry& g, const Epilogue& e, const float* xin, const float* wp,
-                float* y) {
-  constexpr int XB = std::max(1, std::min(12, (kRegs - NV - 2) / NV));
+void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const float* xin,
+                const float* wp, float* y) {
+  constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
+  const int64_t nb = (g.Wo + kCols - 1) / kCols, narrow = g.Wo / nb, wide = g.Wo % nb;
   const float* yend = y + g.Ho * g.Wo * g.O;
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xrow = xin + i * g.Wp * g.C;
     float* yrow = y + i * g.Wo * g.O;
-    int64_t j = 0;
-    for (; j + XB <= g.Wo; j += XB)
-      conv_block<NV, XB, RELU, STATS>(g, e, xrow + j * g.C, wp, yrow + j * g.O, yend);
-    with_count<XB - 1>(g.Wo - j, [&](auto r) {
-      conv_block<NV, r, RELU, STATS>(g, e, xrow + j * g.C, wp, yrow + j * g.O, yend);
-    });
+    for (int64_t k = 0, j = 0; k < nb; ++k) {
+      const int64_t n = narrow + (k < wide);  // the first `wide` blocks take one more column
+      with_count<kCols>(n, [&](auto r) {
+        conv_block<NV, r, RELU, STATS>(g, e, off, xrow + j * g.C, wp, yrow + j * g.O, yend);
+      });
+      j += n;
+    }
   }
 }
 
 // conv_image with the flags chosen at run time.
 template <int NV>
-void conv_image(const Geometry& g, const Epilogue& e, bool relu, const float* xin,
-                const float* wp, float* y) {
+void conv_image(const Geometry& g, const Epilogue& e, bool relu, const int64_t* off,
+                const float* xin, const float* wp, float* y) {
   if (relu) {
-    if (e.stats) return conv_image<NV, true, true>(g, e, xin, wp, y);
-    return conv_image<NV, true, false>(g, e, xin, wp, y);
+    if (e.stats) return conv_image<NV, true, true>(g, e, off, xin, wp, y);
+    return conv_image<NV, true, false>(g, e, off, xin, wp, y);
   }
-  if (e.stats) return conv_image<NV, false, true>(g, e, xin, wp, y);
-  conv_image<NV, false, false>(g, e, xin, wp, y);
+  if (e.stats) return conv_image<NV, false, true>(g, e, off, xin, wp, y);
+  conv_image<NV, false, false>(g, e, off, xin, wp, y);
 }
 
 // dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
@@ -279,10 +296,7 @@ template <int NV>
 void dw_image(const Geometry& g, const float* xin, const float* gp, float* part) {
   constexpr int TB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
   const int64_t taps = g.KH * g.KW * g.C;
-  std::vector<int64_t> off(taps);
-  for (int64_t p = 0; p < g.KH; ++p)
-    for (int64_t q = 0; q < g.KW; ++q)
-      for (int64_t c = 0; c < g.C; ++c) off[(p * g.KW + q) * g.C + c] = (p * g.Wp + q) * g.C + c;
+  const std::vector<int64_t> off = tap_offsets(g);
   int64_t t = 0;
   for (; t + TB <= taps; t += TB) {
     if (off[t + TB - 1] == off[t] + TB - 1)
@@ -323,6 +337,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   pack_rows(wp.data(), w.typed_data(), g.KH * g.KW * g.C, g.O, nv * 8);
   pack_rows(bp.data(), b.typed_data(), 1, g.O, nv * 8);
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
+  const std::vector<int64_t> off = tap_offsets(g);
   std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
   std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
   const float* xs = x.typed_data();
@@ -335,7 +350,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
     with_vectors(nv, [&](auto nv_c) {
-      conv_image<nv_c>(g, Epilogue{bp.data(), image_sums}, relu, xin, wp.data(),
+      conv_image<nv_c>(g, Epilogue{bp.data(), image_sums}, relu, off.data(), xin, wp.data(),
                        ys + i * g.Ho * g.Wo * g.O);
     });
     if (stats) {  // per image, so the bits do not depend on the threads
