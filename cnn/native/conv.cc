@@ -293,10 +293,10 @@ inline void dw_block(const Geometry& g, const float* xin, const float* gp, const
 }
 
 template <int NV>
-void dw_image(const Geometry& g, const float* xin, const float* gp, float* part) {
+void dw_image(const Geometry& g, const int64_t* off, const float* xin,
+              const float* gp, float* part) {
   constexpr int TB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
   const int64_t taps = g.KH * g.KW * g.C;
-  const std::vector<int64_t> off = tap_offsets(g);
   int64_t t = 0;
   for (; t + TB <= taps; t += TB) {
     if (off[t + TB - 1] == off[t] + TB - 1)
@@ -392,6 +392,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // depend on which thread took which group, nor on the number of threads.
   const int64_t groups = (g.B + kDwGroup - 1) / kDwGroup;
   std::vector<float> part(groups * taps, 0.0f);
+  const std::vector<int64_t> off = tap_offsets(g);
   std::vector<float> scratch(copy_x ? workers * img : 0);
   std::vector<float> gscratch(copy_g ? workers * gimg : 0);
   const float* xs = x.typed_data();
@@ -412,7 +413,7 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
         gp = dst;
       }
-      with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, xin, gp, part_g); });
+      with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, off.data(), xin, gp, part_g); });
       if (!bias) continue;
       // the bias gradient: g (swap: x) summed over the pixels, in the same order either way
       float* db_part = part_g + dw_size;
