@@ -174,16 +174,20 @@ template <int NV, int XB, bool RELU, bool STATS>
 inline void store_block(const Geometry& g, const Epilogue& e, v8 (&acc)[XB][NV], float* yout,
                         const float* yend) {
   const int64_t O = g.O, full = O / 8, rest = O % 8;  // full vectors of output, lanes after
+  v8 s1[NV], s2[NV];  // the sums, in registers: the output stores may alias e.stats
+  if (STATS)
+    for (int v = 0; v < NV; ++v) {
+      s1[v] = load8(e.stats + v * 8);
+      s2[v] = load8(e.stats + (NV + v) * 8);
+    }
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
     for (int v = 0; v < NV; ++v) {
       v8 a = acc[i][v] + load8(e.bias + v * 8);
       if (RELU) a = a < 0.0f ? v8{} : a;  // jnp.maximum(y, 0): NaN stays NaN
       if (STATS) {
-        float* s1 = e.stats + v * 8;
-        float* s2 = e.stats + (NV + v) * 8;
-        *reinterpret_cast<v8u*>(s1) = load8(s1) + a;
-        *reinterpret_cast<v8u*>(s2) = load8(s2) + a * a;
+        s1[v] += a;
+        s2[v] += a * a;
       }
       if (v < full || yo + (v + 1) * 8 <= yend)
         *reinterpret_cast<v8u*>(yo + v * 8) = a;
@@ -191,6 +195,11 @@ inline void store_block(const Geometry& g, const Epilogue& e, v8 (&acc)[XB][NV],
         store_first(yo + v * 8, a, rest);
     }
   }
+  if (STATS)
+    for (int v = 0; v < NV; ++v) {
+      *reinterpret_cast<v8u*>(e.stats + v * 8) = s1[v];
+      *reinterpret_cast<v8u*>(e.stats + (NV + v) * 8) = s2[v];
+    }
 }
 
 // Input offsets of the kernel taps t = (p * KW + q) * C + c from an output pixel's window.
@@ -262,15 +271,19 @@ void conv_image(const Geometry& g, const Epilogue& e, bool relu, const int64_t* 
 // whatever C is (one input channel fills them with taps, many with channels).
 // Contiguous: the taps are consecutive channels of one (p, q), so the offsets are off[0] + k,
 // known to the compiler (fewer registers than eight loaded offsets).
-template <int NV, int TB, bool Contiguous>
+// db (or nullptr): the bias gradient's NV * 8 lanes, to which g is added pixel by pixel in the
+// same loop, as add_rows would add it.
+template <int NV, int TB, bool Contiguous, bool DB>
 inline void dw_block(const Geometry& g, const float* xin, const float* gp, const int64_t* off,
-                     float* out) {
-  v8 acc[TB][NV];
+                     float* out, float* db) {
+  v8 acc[TB][NV], bacc[NV];
   int64_t o[TB];
   for (int k = 0; k < TB; ++k) {
     o[k] = Contiguous ? off[0] + k : off[k];
     for (int v = 0; v < NV; ++v) acc[k][v] = v8{};
   }
+  if (DB)
+    for (int v = 0; v < NV; ++v) bacc[v] = load8(db + v * 8);
   const int64_t C = g.C;
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xr = xin + i * g.Wp * C;
@@ -278,6 +291,8 @@ inline void dw_block(const Geometry& g, const float* xin, const float* gp, const
     for (int64_t j = 0; j < g.Wo; ++j) {
       v8 gv[NV];
       for (int v = 0; v < NV; ++v) gv[v] = load8(gr + (j * NV + v) * 8);
+      if (DB)
+        for (int v = 0; v < NV; ++v) bacc[v] += gv[v];
       const float* xj = xr + j * C + (Contiguous ? o[0] : 0);
       for (int k = 0; k < TB; ++k) {
         const float s = Contiguous ? xj[k] : xj[o[k]];
@@ -290,23 +305,32 @@ inline void dw_block(const Geometry& g, const float* xin, const float* gp, const
       float* dst = out + (k * NV + v) * 8;
       *reinterpret_cast<v8u*>(dst) = load8(dst) + acc[k][v];
     }
+  if (DB)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(db + v * 8) = bacc[v];
 }
 
+// The taps in nb blocks of nearly equal size (at most TB each: one block for a 3x3 kernel on
+// one channel, whose 9 accumulators then run side by side); db goes with the first block.
 template <int NV>
-void dw_image(const Geometry& g, const int64_t* off, const float* xin,
-              const float* gp, float* part) {
-  constexpr int TB = std::max(1, std::min(8, (kRegs - NV - 2) / NV));
-  const int64_t taps = g.KH * g.KW * g.C;
-  int64_t t = 0;
-  for (; t + TB <= taps; t += TB) {
-    if (off[t + TB - 1] == off[t] + TB - 1)
-      dw_block<NV, TB, true>(g, xin, gp, &off[t], part + t * NV * 8);
-    else
-      dw_block<NV, TB, false>(g, xin, gp, &off[t], part + t * NV * 8);
+void dw_image(const Geometry& g, const int64_t* off, const float* xin, const float* gp,
+              float* part, float* db) {
+  constexpr int TB = std::max(1, std::min(NV == 1 ? 9 : 8, (kRegs - NV - 2) / NV));
+  const int64_t taps = g.KH * g.KW * g.C, nb = (taps + TB - 1) / TB;
+  const int64_t narrow = taps / nb, wide = taps % nb;
+  for (int64_t k = 0, t = 0; k < nb; ++k) {
+    const int64_t n = narrow + (k < wide);
+    with_count<TB>(n, [&](auto r) {
+      float* out = part + t * NV * 8;
+      const bool contiguous = off[t + r - 1] == off[t] + r - 1;
+      if (k == 0 && db) {
+        if (contiguous) return dw_block<NV, r, true, true>(g, xin, gp, &off[t], out, db);
+        return dw_block<NV, r, false, true>(g, xin, gp, &off[t], out, db);
+      }
+      if (contiguous) return dw_block<NV, r, true, false>(g, xin, gp, &off[t], out, nullptr);
+      dw_block<NV, r, false, false>(g, xin, gp, &off[t], out, nullptr);
+    });
+    t += n;
   }
-  with_count<TB - 1>(taps - t, [&](auto r) {
-    dw_block<NV, r, false>(g, xin, gp, &off[t], part + t * NV * 8);
-  });
 }
 
 // The mask source m must have x's shape when mask is set.
@@ -413,13 +437,12 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
         gp = dst;
       }
-      with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, off.data(), xin, gp, part_g); });
-      if (!bias) continue;
-      // the bias gradient: g (swap: x) summed over the pixels, in the same order either way
-      float* db_part = part_g + dw_size;
-      const float* src = swap ? xin : gp;
-      const int64_t n = swap ? g.C : nv * 8;
-      add_rows(db_part, src, g.Ho * g.Wo, n);
+      // the bias gradient: g summed over the pixels in dw's loop; with swap, x summed so
+      float* db_part = bias ? part_g + dw_size : nullptr;
+      with_vectors(nv, [&](auto nv_c) {
+        dw_image<nv_c>(g, off.data(), xin, gp, part_g, swap ? nullptr : db_part);
+      });
+      if (bias && swap) add_rows(db_part, xin, g.Ho * g.Wo, g.C);
     }
   };
   parallel_for(pool, groups, workers, body);
