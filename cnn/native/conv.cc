@@ -11,7 +11,9 @@
 // caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is
 // cnn_conv of g with the flipped, transposed kernel (cnn/native.py). Output channels are held
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
-// several output columns at a time; images are shared among XLA's intra-op threads.
+// several output columns at a time; images are shared among XLA's intra-op threads. A 3x3
+// cnn_conv with an even output and 4-16 channels each way runs Winograd F(2x2, 3x3) instead
+// (winograd_image): 2.25x fewer multiplies, measured 1.1-1.6x faster per image.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -333,6 +335,194 @@ void dw_image(const Geometry& g, const int64_t* off, const float* xin, const flo
   }
 }
 
+// ------------------------------------------------------------------ Winograd F(2x2, 3x3)
+// A 3x3 stride-1 conv whose output has even height and width, per 2x2 output tile d (its 4x4
+// input patch): y = A^T [sum_c (G w_c G^T) .* (B^T d_c B)] A. 16 products per tile and
+// channel pair instead of 36; the transforms are additions. Each image's tiles run in blocks
+// of up to kCols: their inputs transformed, then 16 small products (one per place xi of the
+// 4x4 transformed tile), then the outputs transformed, biased, relu'd, summed and stored.
+// Used where measured faster than the direct kernel: 4-16 input and at most 16 output channels.
+bool winograd_fits(const Geometry& g) {
+  return g.KH == 3 && g.KW == 3 && g.Ho % 2 == 0 && g.Wo % 2 == 0 && g.C >= 4 && g.C <= 16 &&
+         g.O <= 16;
+}
+
+// U[xi][c][lanes]: G w G^T for each (c, o), computed in double; xi = 4 * r + s.
+std::vector<float> winograd_kernel(const float* w, int64_t C, int64_t O, int64_t lanes) {
+  static const double G[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
+  std::vector<float> U(16 * C * lanes, 0.0f);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t o = 0; o < O; ++o) {
+      double gw[4][3];
+      for (int r = 0; r < 4; ++r)
+        for (int q = 0; q < 3; ++q) {
+          gw[r][q] = 0.0;
+          for (int p = 0; p < 3; ++p) gw[r][q] += G[r][p] * w[((p * 3 + q) * C + c) * O + o];
+        }
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) {
+          double u = 0.0;
+          for (int q = 0; q < 3; ++q) u += gw[r][q] * G[s][q];
+          U[((r * 4 + s) * C + c) * lanes + o] = float(u);
+        }
+    }
+  return U;
+}
+
+// The first n (1-8) floats at p, the other lanes zero; reads nothing past p + n.
+inline v8 load_first(const float* p, int64_t n) {
+  if (n >= 8) return load8(p);
+#if defined(__AVX512VL__)
+  return v8(_mm256_maskz_loadu_ps(__mmask8((1u << n) - 1), p));
+#else
+  v8 v{};
+  for (int64_t k = 0; k < n; ++k) v[k] = p[k];
+  return v;
+#endif
+}
+
+// B^T d for one column of a tile's 4x4 patch (rows `row` floats apart): u0..u3, 8 channels.
+inline void winograd_column(const float* q, int64_t row, int64_t n, v8 (&u)[4][4], int j) {
+  const v8 d0 = load_first(q, n), d1 = load_first(q + row, n);
+  const v8 d2 = load_first(q + 2 * row, n), d3 = load_first(q + 3 * row, n);
+  u[0][j] = d0 - d2;
+  u[1][j] = d1 + d2;
+  u[2][j] = d2 - d1;
+  u[3][j] = d1 - d3;
+}
+
+// (B^T d) B of the tile from its four columns u into V[xi * stride], xi = 4 * i + j.
+inline void winograd_rows(const v8 (&u)[4][4], float* V, int64_t stride) {
+  for (int i = 0; i < 4; ++i) {
+    float* v = V + 4 * i * stride;
+    *reinterpret_cast<v8u*>(v) = u[i][0] - u[i][2];
+    *reinterpret_cast<v8u*>(v + stride) = u[i][1] + u[i][2];
+    *reinterpret_cast<v8u*>(v + 2 * stride) = u[i][2] - u[i][1];
+    *reinterpret_cast<v8u*>(v + 3 * stride) = u[i][1] - u[i][3];
+  }
+}
+
+// M[k][NV * 8] = sum_c V[k][c] * U[c][NV * 8] for the XB tiles k of a block (V rows Cp apart).
+template <int NV, int XB>
+inline void winograd_product(const float* V, int64_t Cp, int64_t C, const float* U, float* M) {
+  v8 acc[XB][NV];
+  for (int i = 0; i < XB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
+  for (int64_t c = 0; c < C; ++c) {
+    v8 uv[NV];
+    for (int v = 0; v < NV; ++v) uv[v] = load8(U + (c * NV + v) * 8);
+    for (int i = 0; i < XB; ++i) {
+      const float s = V[i * Cp + c];
+      for (int v = 0; v < NV; ++v) acc[i][v] += s * uv[v];
+    }
+  }
+  for (int i = 0; i < XB; ++i)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(M + (i * NV + v) * 8) = acc[i][v];
+}
+
+// One image: xin padded (Hp = Ho + 2, Wp = Wo + 2), U from winograd_kernel, work: scratch of
+// winograd_scratch(g) floats.
+int64_t winograd_scratch(const Geometry& g) {
+  const int64_t nv = (g.O + 7) / 8, cp = (g.C + 7) / 8 * 8;
+  return 16 * 14 * (cp + nv * 8);
+}
+
+template <int NV, bool RELU, bool STATS>
+void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, const float* U,
+                    float* y, float* work) {
+  constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
+  const int64_t C = g.C, Cp = (C + 7) / 8 * 8, O = g.O, full = O / 8, rest = O % 8;
+  const int64_t tw = g.Wo / 2, tiles = g.Ho / 2 * tw, row = g.Wp * C;
+  const int64_t nb = (tiles + kCols - 1) / kCols, narrow = tiles / nb, wide = tiles % nb;
+  float* V = work;                 // [16][kCols][Cp]
+  float* M = work + 16 * kCols * Cp;  // [16][kCols][NV * 8]
+  v8 s1[NV], s2[NV], bias[NV];
+  for (int v = 0; v < NV; ++v) {
+    bias[v] = load8(e.bias + v * 8);
+    if (STATS) {
+      s1[v] = load8(e.stats + v * 8);
+      s2[v] = load8(e.stats + (NV + v) * 8);
+    }
+  }
+  for (int64_t b = 0, t0 = 0; b < nb; ++b) {
+    const int64_t n = narrow + (b < wide);
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {  // a tile's last two columns are the next's first
+      v8 u[4][4];
+      for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
+        if (k > 0 && tj == 0) ++ti;
+        const float* p = xin + 2 * ti * row + 2 * tj * C + c0;
+        if (k == 0 || tj == 0) {
+          winograd_column(p, row, C - c0, u, 0);
+          winograd_column(p + C, row, C - c0, u, 1);
+        } else {
+          for (int i = 0; i < 4; ++i) {
+            u[i][0] = u[i][2];
+            u[i][1] = u[i][3];
+          }
+        }
+        winograd_column(p + 2 * C, row, C - c0, u, 2);
+        winograd_column(p + 3 * C, row, C - c0, u, 3);
+        winograd_rows(u, V + k * Cp + c0, kCols * Cp);
+      }
+    }
+    with_count<kCols>(n, [&](auto r) {
+      for (int xi = 0; xi < 16; ++xi)
+        winograd_product<NV, r>(V + xi * kCols * Cp, Cp, C, U + xi * C * NV * 8,
+                                M + xi * kCols * NV * 8);
+    });
+    for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
+      if (k > 0 && tj == 0) ++ti;
+      float* yo = y + (2 * ti * g.Wo + 2 * tj) * O;
+      for (int v = 0; v < NV; ++v) {
+        const float* m = M + (k * NV + v) * 8;
+        const int64_t xs = kCols * NV * 8;  // between places xi
+        v8 t[2][4];
+        for (int j = 0; j < 4; ++j) {
+          const v8 m0 = load8(m + j * xs), m1 = load8(m + (4 + j) * xs);
+          const v8 m2 = load8(m + (8 + j) * xs), m3 = load8(m + (12 + j) * xs);
+          t[0][j] = m0 + m1 + m2;
+          t[1][j] = m1 - m2 - m3;
+        }
+        v8 out[4];
+        for (int i = 0; i < 2; ++i) {
+          out[2 * i] = t[i][0] + t[i][1] + t[i][2];
+          out[2 * i + 1] = t[i][1] - t[i][2] - t[i][3];
+        }
+        for (int q = 0; q < 4; ++q) {
+          v8 a = out[q] + bias[v];
+          if (RELU) a = a < 0.0f ? v8{} : a;
+          if (STATS) {
+            s1[v] += a;
+            s2[v] += a * a;
+          }
+          float* dst = yo + ((q / 2) * g.Wo + q % 2) * O + v * 8;
+          if (v < full)
+            *reinterpret_cast<v8u*>(dst) = a;
+          else
+            store_first(dst, a, rest);
+        }
+      }
+    }
+    t0 += n;
+  }
+  if (STATS)
+    for (int v = 0; v < NV; ++v) {
+      *reinterpret_cast<v8u*>(e.stats + v * 8) = s1[v];
+      *reinterpret_cast<v8u*>(e.stats + (NV + v) * 8) = s2[v];
+    }
+}
+
+template <int NV>
+void winograd_image(const Geometry& g, const Epilogue& e, bool relu, const float* xin,
+                    const float* U, float* y, float* work) {
+  if (relu) {
+    if (e.stats) return winograd_image<NV, true, true>(g, e, xin, U, y, work);
+    return winograd_image<NV, true, false>(g, e, xin, U, y, work);
+  }
+  if (e.stats) return winograd_image<NV, false, true>(g, e, xin, U, y, work);
+  winograd_image<NV, false, false>(g, e, xin, U, y, work);
+}
+
 // The mask source m must have x's shape when mask is set.
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
@@ -357,10 +547,18 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("cnn_conv: expects stats shaped (B, 2, O)");
   const int64_t nv = (g.O + 7) / 8;
   if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
-  std::vector<float> wp(g.KH * g.KW * g.C * nv * 8), bp(nv * 8);
-  pack_rows(wp.data(), w.typed_data(), g.KH * g.KW * g.C, g.O, nv * 8);
+  const bool wino = winograd_fits(g);  // else the direct kernel, packed as [taps][nv * 8]
+  std::vector<float> wp, bp(nv * 8);
+  if (wino)
+    wp = winograd_kernel(w.typed_data(), g.C, g.O, nv * 8);
+  else {
+    wp.resize(g.KH * g.KW * g.C * nv * 8);
+    pack_rows(wp.data(), w.typed_data(), g.KH * g.KW * g.C, g.O, nv * 8);
+  }
   pack_rows(bp.data(), b.typed_data(), 1, g.O, nv * 8);
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
+  const int64_t wsize = wino ? winograd_scratch(g) : 0;
+  std::vector<float> work(workers * wsize);
   const std::vector<int64_t> off = tap_offsets(g);
   std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
   std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
@@ -373,10 +571,14 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                                       scratch.empty() ? nullptr : &scratch[worker * img]);
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
-    with_vectors(nv, [&](auto nv_c) {
-      conv_image<nv_c>(g, Epilogue{bp.data(), image_sums}, relu, off.data(), xin, wp.data(),
-                       ys + i * g.Ho * g.Wo * g.O);
-    });
+    const Epilogue e{bp.data(), image_sums};
+    float* yi = ys + i * g.Ho * g.Wo * g.O;
+    if (wino && nv == 1)
+      winograd_image<1>(g, e, relu, xin, wp.data(), yi, &work[worker * wsize]);
+    else if (wino)
+      winograd_image<2>(g, e, relu, xin, wp.data(), yi, &work[worker * wsize]);
+    else
+      with_vectors(nv, [&](auto nv_c) { conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), yi); });
     if (stats) {  // per image, so the bits do not depend on the threads
       float* out = s->typed_data() + i * 2 * g.O;
       for (int k = 0; k < 2; ++k)
