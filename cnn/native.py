@@ -200,9 +200,11 @@ def _forward(
     relu: bool,
     mask_BHWC: Array | None,
     stats: bool = False,
+    terms_B2C: Array | None = None,
 ) -> tuple[Array, Array]:
-    """(act(conv(x * (mask > 0), w) + b), its per-image sums (B, 2, O) if stats else a (0,)
-    placeholder); the mask source None means no mask."""
+    """(act(conv(x' , w) + b), its per-image sums (B, 2, O) if stats else a (0,) placeholder),
+    x' = x (+ terms[:, 0] + 2 mask * terms[:, 1]) where mask > 0, else 0; the mask source None
+    means no mask (and no terms)."""
     (pt, pb), (pl, pr) = pads
     b, h, w, _ = x_BHWC.shape
     kh, kw, _, o = w_HWIO.shape
@@ -211,15 +213,18 @@ def _forward(
         jax.ShapeDtypeStruct((b, 2, o) if stats else (0,), jnp.float32),
     )
     m = x_BHWC if mask_BHWC is None else mask_BHWC  # unread without the mask
+    t = b_O if terms_B2C is None else terms_B2C  # unread without terms
     return jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")(
         x_BHWC,
         w_HWIO,
         b_O,
         m,
+        t,
         **_pad_attrs(pads),
         relu=relu,
         mask=mask_BHWC is not None,
         stats=stats,
+        terms=terms_B2C is not None,
     )
 
 
@@ -266,26 +271,35 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     kh, kw, c, o = w_HWIO.shape
     if isinstance(g_BHWO, SymbolicZero):  # only the sums are used, so stats kept y
         g_BHWO = jnp.zeros_like(y_BHWO)
-    if stats and not isinstance(g_sums_B2O, SymbolicZero):  # d sum(y) = 1, d sum(y^2) = 2y
-        g_BHWO = (
-            g_BHWO + g_sums_B2O[:, None, None, 0, :] + 2 * y_BHWO * g_sums_B2O[:, None, None, 1, :]
-        )
+    terms_B2O = None  # d sum(y) = 1, d sum(y^2) = 2y: with a relu, the kernels add these
+    if stats and not isinstance(g_sums_B2O, SymbolicZero):  # as they read g (no pass of its own)
+        if relu:
+            terms_B2O = g_sums_B2O
+        else:
+            g_BHWO = (
+                g_BHWO
+                + g_sums_B2O[:, None, None, 0, :]
+                + 2 * y_BHWO * g_sums_B2O[:, None, None, 1, :]
+            )
     a_BHWO = y_BHWO if relu else None  # the relu's output, whose > 0 is its derivative
     full = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
     w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
-    dx_BHWC, _ = _forward(g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO)
+    dx_BHWC, _ = _forward(
+        g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO, terms_B2C=terms_B2O
+    )
     m = g_BHWO if a_BHWO is None else a_BHWO
     # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
     # as autodiff of "+ b" takes it, keeps the bits of conv + b
     native_db = b_O is not None and a_BHWO is not None
     attrs = {**_pad_attrs(pads), "mask": a_BHWO is not None, "bias": native_db}
+    attrs["terms"] = terms_B2O is not None
     swap = _swap_dw((kh, kw), pads, c, o)  # the same sums, with the lanes on the wider side
     a, b, dw_shape = (g_BHWO, x_BHWC, (1, 1, o, c)) if swap else (x_BHWC, g_BHWO, w_HWIO.shape)
     dw, db_O = jax.ffi.ffi_call(
         "cnn_conv_dw",
         (jax.ShapeDtypeStruct(dw_shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
         vmap_method="sequential",
-    )(a, b, m, **attrs, swap=swap)
+    )(a, b, m, g_BHWO if terms_B2O is None else terms_B2O, **attrs, swap=swap)
     dw_HWIO = dw.transpose(0, 1, 3, 2) if swap else dw
     if b_O is None:
         return dx_BHWC, dw_HWIO, None

@@ -378,15 +378,50 @@ def test_swap_refuses_a_kernel_other_than_1x1():
         (jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.float32)),
         vmap_method="sequential",
     )
+    pads = native._pad_attrs(((0, 0), (0, 0)))
     with pytest.raises(Exception, match="swap needs a 1x1 kernel"):
-        call(x, g, x, **native._pad_attrs(((0, 0), (0, 0))), mask=False, bias=False, swap=True)
+        call(x, g, x, x, **pads, mask=False, bias=False, swap=True, terms=False)
 
 
+def test_terms_refused_without_the_mask_or_shaped_otherwise():
+    """The sums' cotangent terms are added where the relu's mask is read: none without it."""
+    x, w, m = _rand(16, (2, 6, 6, 4)), _rand(17, (3, 3, 4, 8)), _rand(18, (2, 6, 6, 4))
+    out = (jax.ShapeDtypeStruct((2, 4, 4, 8), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")
+    pads = native._pad_attrs(((0, 0), (0, 0)))
+    b = jnp.zeros(8, jnp.float32)
+    with pytest.raises(Exception, match="terms need the mask"):
+        call(
+            x,
+            w,
+            b,
+            m,
+            _rand(19, (2, 2, 4)),
+            **pads,
+            relu=False,
+            mask=False,
+            stats=False,
+            terms=True,
+        )
+    with pytest.raises(Exception, match="terms need the mask"):
+        call(
+            x, w, b, m, _rand(19, (2, 2, 3)), **pads, relu=False, mask=True, stats=False, terms=True
+        )
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,pads",
+    [
+        ((5, 9, 9, 4), (3, 3, 4, 12), ((1, 0), (0, 1))),
+        ((5, 10, 10, 8), (3, 3, 8, 16), ((1, 1), (1, 1))),  # Winograd, both ways
+        ((5, 6, 6, 32), (1, 1, 32, 10), ((0, 0), (0, 0))),  # kernel gradient swapped
+    ],
+)
 @pytest.mark.parametrize("relu", [False, True])
-def test_stats_are_each_images_sums_and_differentiable(relu):
-    """stats=True: per image and channel, sum y and sum y*y; their cotangents reach x, w, b."""
-    x, w, b = _rand(12, (5, 9, 9, 4)), _rand(13, (3, 3, 4, 12)), _rand(14, (12,))
-    pads = ((1, 0), (0, 1))
+def test_stats_are_each_images_sums_and_differentiable(relu, x_shape, w_shape, pads):
+    """stats=True: per image and channel, sum y and sum y*y; their cotangents reach x, w, b
+    (with a relu, added by the kernels as they read g)."""
+    x, w, b = _rand(12, x_shape), _rand(13, w_shape), _rand(14, w_shape[3:])
 
     def reference(x, w, b):
         y = _lax_conv(x, w, pads) + b.reshape(1, 1, 1, -1)
@@ -396,8 +431,9 @@ def test_stats_are_each_images_sums_and_differentiable(relu):
     def native_fn(x, w, b):
         return native.conv(x, w, pads, b, relu=relu, stats=True)
 
-    g_y = _rand(15, (5, 8, 8, 12))
-    g_s = _rand(16, (5, 2, 12))
+    y_shape = jax.eval_shape(lambda: _lax_conv(x, w, pads)).shape
+    g_y = _rand(15, y_shape)
+    g_s = _rand(16, (5, 2, w_shape[3]))
     for name, fn in (("native", native_fn), ("lax", reference)):
         (y, s), vjp = jax.vjp(fn, x, w, b)
         if name == "native":

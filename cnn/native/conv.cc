@@ -5,7 +5,8 @@
 // xpad is x zero-padded by (top, bottom, left, right); act is relu or the identity. With the
 // attribute mask=1, each value of x (cnn_conv) or g (cnn_conv_dw) counts only where the same
 // element of the extra operand m is > 0: the derivative of a relu whose output is m, applied as
-// the values are read. cnn_conv_dw with swap=1 (1x1 kernels, no padding) takes x and g in each
+// the values are read; with terms=1 also the cotangent t (B, 2, C) of batch-norm sums of m is
+// added there, as x + t0 + 2 m t1 (copy_masked_terms). cnn_conv_dw with swap=1 (1x1 kernels, no padding) takes x and g in each
 // other's places: the mask then applies to x, and db[c] = sum of (masked) x. A 1x1 kernel
 // gradient with few output channels (10) and more input channels (32) is cheaper so, as the
 // caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -119,6 +121,20 @@ inline void copy_masked(float* dst, const float* x, const float* m, int64_t n) {
   for (; k < n; ++k) dst[k] = m[k] > 0.0f ? x[k] : 0.0f;
 }
 
+// `pixels` pixels of C channels of x, each channel c as x + t[c] + 2 m t[C + c] where m > 0 and
+// 0 elsewhere: the gradient a relu with batch-norm sums receives, with the sums' cotangent t.
+inline void copy_masked_terms(float* dst, const float* x, const float* m, int64_t pixels,
+                              int64_t C, const float* t) {
+  for (int64_t p = 0; p < pixels; ++p, dst += C, x += C, m += C) {
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+      const v8 mv = load8(m + c), v = load8(x + c) + load8(t + c) + (mv + mv) * load8(t + C + c);
+      *reinterpret_cast<v8u*>(dst + c) = mv > 0.0f ? v : v8{};
+    }
+    for (; c < C; ++c) dst[c] = m[c] > 0.0f ? x[c] + t[c] + (m[c] + m[c]) * t[C + c] : 0.0f;
+  }
+}
+
 // sum[o] += src[k * n + o] for each o < n (at most 32), adding the rows k < rows in order, so
 // each lane's sum is the same as a scalar loop's; the lanes' chains run side by side.
 inline void add_rows(float* sum, const float* src, int64_t rows, int64_t n) {
@@ -140,14 +156,20 @@ inline void add_rows(float* sum, const float* src, int64_t rows, int64_t n) {
   for (int64_t o = 0; o < rest; ++o) sum[full * 8 + o] = tail[o];
 }
 
-// One image zero-padded and masked (m: its mask source, or nullptr) into scratch; x itself
-// when there is neither padding nor mask.
-const float* prepared_image(const Geometry& g, const float* x, const float* m, float* scratch) {
+// One image zero-padded and masked (m: its mask source, or nullptr) into scratch, with the
+// terms t (nullptr: none; needs m) as copy_masked_terms adds them; x itself when there is
+// neither padding nor mask.
+const float* prepared_image(const Geometry& g, const float* x, const float* m, const float* t,
+                            float* scratch) {
   if (!g.padded() && !m) return x;
   if (g.padded()) std::fill(scratch, scratch + g.padded_image_size(), 0.0f);
   for (int64_t i = 0; i < g.H; ++i) {
-    copy_masked(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, x + i * g.W * g.C,
-                m ? m + i * g.W * g.C : nullptr, g.W * g.C);
+    float* dst = scratch + ((i + g.pt) * g.Wp + g.pl) * g.C;
+    const int64_t k = i * g.W * g.C;
+    if (t)
+      copy_masked_terms(dst, x + k, m + k, g.W, g.C, t);
+    else
+      copy_masked(dst, x + k, m ? m + k : nullptr, g.W * g.C);
   }
   return scratch;
 }
@@ -530,10 +552,20 @@ bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 
 int64_t workers_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
+// Checks the terms operand t of cnn_conv and cnn_conv_dw: (B, 2, C) with the mask, or unused.
+ffi::Error check_terms(ffi::Buffer<ffi::F32>& t, bool terms, bool mask, int64_t B, int64_t C,
+                       const char* what) {
+  if (terms && (!mask || int64_t(t.element_count()) != B * 2 * C))
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": terms need the mask and a (B, 2, C) operand");
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> m,
+                    ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
                     ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> s, int64_t pt,
-                    int64_t pb, int64_t pl, int64_t pr, bool relu, bool mask, bool stats) {
+                    int64_t pb, int64_t pl, int64_t pr, bool relu, bool mask, bool stats,
+                    bool terms) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("cnn_conv: expects NHWC x, HWIO w, NHWC y");
@@ -545,6 +577,7 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("cnn_conv: output shape does not match the geometry");
   if (stats && int64_t(s->element_count()) != g.B * 2 * g.O)
     return ffi::Error::InvalidArgument("cnn_conv: expects stats shaped (B, 2, O)");
+  if (auto e = check_terms(t, terms, mask, g.B, g.C, "cnn_conv"); e.failure()) return e;
   const int64_t nv = (g.O + 7) / 8;
   if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
   const bool wino = winograd_fits(g);  // else the direct kernel, packed as [taps][nv * 8]
@@ -564,10 +597,12 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
   const float* xs = x.typed_data();
   const float* ms = mask ? m.typed_data() : nullptr;
+  const float* ts = terms ? t.typed_data() : nullptr;
   float* ys = y->typed_data();
   const int64_t x_img = g.H * g.W * g.C;
   auto body = [&](int64_t i, int64_t worker) {
     const float* xin = prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
+                                      ts ? ts + i * 2 * g.C : nullptr,
                                       scratch.empty() ? nullptr : &scratch[worker * img]);
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
@@ -590,9 +625,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
-                      ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> dw,
-                      ffi::ResultBuffer<ffi::F32> db, int64_t pt, int64_t pb, int64_t pl,
-                      int64_t pr, bool mask, bool bias, bool swap) {
+                      ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
+                      ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db, int64_t pt,
+                      int64_t pb, int64_t pl, int64_t pr, bool mask, bool bias, bool swap,
+                      bool terms) {
   auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
@@ -602,6 +638,9 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         "cnn_conv_dw: expects db (O,) and a mask source shaped as g (swap: (C,), as x)");
   if (swap && (wd[0] != 1 || wd[1] != 1 || pt || pb || pl || pr))
     return ffi::Error::InvalidArgument("cnn_conv_dw: swap needs a 1x1 kernel and no padding");
+  if (auto e = check_terms(t, terms, mask, xd[0], swap ? xd[3] : gd[3], "cnn_conv_dw");
+      e.failure())
+    return e;
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], gd[1], gd[2],
              pt, pl, xd[1] + pt + pb, xd[2] + pl + pr};
   if (g.Ho != g.Hp - g.KH + 1 || g.Wo != g.Wp - g.KW + 1 || gd[0] != g.B)
@@ -624,19 +663,27 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   const float* ms = mask ? m.typed_data() : nullptr;
+  const float* ts = terms ? t.typed_data() : nullptr;
   const int64_t g_img = g.Ho * g.Wo * g.O, x_img = g.H * g.W * g.C;
   auto body = [&](int64_t group, int64_t worker) {
     float* part_g = &part[group * taps];
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
       const float* xin = prepared_image(g, xs + b * x_img, swap && ms ? ms + b * x_img : nullptr,
+                                        swap && ts ? ts + b * 2 * g.C : nullptr,
                                         copy_x ? &scratch[worker * img] : nullptr);
       const float* gp = gs + b * g_img;
       if (copy_g) {
         float* dst = &gscratch[worker * gimg];
         if (ragged) std::fill(dst, dst + gimg, 0.0f);
         const float* mp = ms && !swap ? ms + b * g_img : nullptr;
-        for (int64_t k = 0; k < g.Ho * g.Wo; ++k)
-          copy_masked(dst + k * nv * 8, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
+        const float* tp = ts && !swap ? ts + b * 2 * g.O : nullptr;
+        for (int64_t k = 0; k < g.Ho * g.Wo; ++k) {
+          float* dk = dst + k * nv * 8;
+          if (tp)
+            copy_masked_terms(dk, gp + k * g.O, mp + k * g.O, 1, g.O, tp);
+          else
+            copy_masked(dk, gp + k * g.O, mp ? mp + k * g.O : nullptr, g.O);
+        }
         gp = dst;
       }
       // the bias gradient: g summed over the pixels in dw's loop; with swap, x summed so
@@ -1080,10 +1127,11 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
       .Attr<int64_t>("pad_left")   \
       .Attr<int64_t>("pad_right")
 
-// x, w, bias, mask source -> y, per-image sums of y and y^2 (B, 2, O; written with stats)
+// x, w, bias, mask source, terms -> y, per-image sums of y and y^2 (B, 2, O; with stats)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1092,11 +1140,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("relu")
                                   .Attr<bool>("mask")
-                                  .Attr<bool>("stats"));
-// x, g, mask source -> dw, db (zeros unless bias)
+                                  .Attr<bool>("stats")
+                                  .Attr<bool>("terms"));
+// x, g, mask source, terms -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1104,7 +1154,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("mask")
                                   .Attr<bool>("bias")
-                                  .Attr<bool>("swap"));
+                                  .Attr<bool>("swap")
+                                  .Attr<bool>("terms"));
 
 // a, inv, shift -> pooled, place of each window's maximum
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
