@@ -142,7 +142,9 @@ def conv2d(
     stride 1 and groups 1, and is reverse-mode only (its custom VJP: no jax.jvp / jacfwd).
     "native" (`cnn.native`, CPU) also needs float32, at most 32 channels in and out, no
     dilation and padding of at most k - 1, or a kernel that covers the unpadded input (then
-    any channels in, at most 32 out: `native.dense`); it is reverse-mode only too.
+    any channels in, at most 32 out: `native.dense`); it is reverse-mode only too. Its 3x3
+    kernels with an even output and 4-16 channels run Winograd F(2x2, 3x3): equal up to
+    float32 rounding (an inf in x can come out as NaN, from inf - inf in a transform).
     """
     st, dil = pair(stride, "stride"), pair(dilation, "dilation")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)

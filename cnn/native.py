@@ -240,7 +240,8 @@ def conv(
     plus the bias b_O, then relu if asked. stats=True returns (y, sums_B2O): each image's sum
     of y and of y * y per channel, taken as y is written (batch norm's statistics).
     3x3 kernels with an even output and 4-16 channels each way run as Winograd F(2x2, 3x3):
-    equal to lax within float32 rounding (tests/test_native.py), not bit for bit."""
+    equal to lax within float32 rounding (tests/test_native.py), not bit for bit; an inf in x
+    can come out as NaN (inf - inf in a transform)."""
     require()
     y_BHWO, sums_B2O = _conv(x_BHWC, w_HWIO, b_O, pads, relu, stats)
     return (y_BHWO, sums_B2O) if stats else y_BHWO
