@@ -292,8 +292,12 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
     # as autodiff of "+ b" takes it, keeps the bits of conv + b
     native_db = b_O is not None and a_BHWO is not None
-    attrs = {**_pad_attrs(pads), "mask": a_BHWO is not None, "bias": native_db}
-    attrs["terms"] = terms_B2O is not None
+    attrs = {
+        **_pad_attrs(pads),
+        "mask": a_BHWO is not None,
+        "bias": native_db,
+        "terms": terms_B2O is not None,
+    }
     swap = _swap_dw((kh, kw), pads, c, o)  # the same sums, with the lanes on the wider side
     a, b, dw_shape = (g_BHWO, x_BHWC, (1, 1, o, c)) if swap else (x_BHWC, g_BHWO, w_HWIO.shape)
     dw, db_O = jax.ffi.ffi_call(

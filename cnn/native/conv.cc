@@ -6,8 +6,9 @@
 // attribute mask=1, each value of x (cnn_conv) or g (cnn_conv_dw) counts only where the same
 // element of the extra operand m is > 0: the derivative of a relu whose output is m, applied as
 // the values are read; with terms=1 also the cotangent t (B, 2, C) of batch-norm sums of m is
-// added there, as x + t0 + 2 m t1 (copy_masked_terms). cnn_conv_dw with swap=1 (1x1 kernels, no padding) takes x and g in each
-// other's places: the mask then applies to x, and db[c] = sum of (masked) x. A 1x1 kernel
+// added there, as x + t0 + 2 m t1 (copy_masked_terms). cnn_conv_dw with swap=1 (1x1 kernels,
+// no padding) takes x and g in each other's places: the mask then applies to x, and
+// db[c] = sum of (masked) x. A 1x1 kernel
 // gradient with few output channels (10) and more input channels (32) is cheaper so, as the
 // caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is
 // cnn_conv of g with the flipped, transposed kernel (cnn/native.py). Output channels are held
@@ -68,6 +69,20 @@ void with_count(int64_t r, F&& f) {
     if (r == N) return f(std::integral_constant<int, N>{});
     with_count<N - 1>(r, f);
   }
+}
+
+// f(std::integral_constant<bool, RELU>{}, std::integral_constant<bool, STATS>{}): the flags
+// of an epilogue, chosen at run time, as compile-time ones.
+template <class F>
+void with_flags(bool relu, bool stats, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (relu) {
+    if (stats) return f(Y{}, Y{});
+    return f(Y{}, N{});
+  }
+  if (stats) return f(N{}, Y{});
+  f(N{}, N{});
 }
 
 // rows x n floats (src, rows n apart) into rows `width` apart, the rest of each row zero.
@@ -182,6 +197,11 @@ struct Epilogue {
   float* stats;
 };
 
+// Output columns (or Winograd tiles) per block, for NV accumulator vectors each: as many as the
+// registers hold beside NV weight vectors and two temporaries, at most 14.
+template <int NV>
+constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
+
 // The first n (1-7) lanes of v to p.
 inline void store_first(float* p, v8 v, int64_t n) {
 #if defined(__AVX512VL__)
@@ -257,20 +277,20 @@ inline void conv_block(const Geometry& g, const Epilogue& e, const int64_t* off,
   store_block<NV, XB, RELU, STATS>(g, e, acc, yout, yend);
 }
 
-// Each output row in nb blocks of nearly equal width (at most kCols columns): 26 columns run as
+// Each output row in nb blocks of nearly equal width (at most XB columns): 26 columns run as
 // 13 + 13, not 12 + 12 + 2.
 template <int NV, bool RELU, bool STATS>
 void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const float* xin,
                 const float* wp, float* y) {
-  constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
-  const int64_t nb = (g.Wo + kCols - 1) / kCols, narrow = g.Wo / nb, wide = g.Wo % nb;
+  constexpr int XB = kCols<NV>;
+  const int64_t nb = (g.Wo + XB - 1) / XB, narrow = g.Wo / nb, wide = g.Wo % nb;
   const float* yend = y + g.Ho * g.Wo * g.O;
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xrow = xin + i * g.Wp * g.C;
     float* yrow = y + i * g.Wo * g.O;
     for (int64_t k = 0, j = 0; k < nb; ++k) {
       const int64_t n = narrow + (k < wide);  // the first `wide` blocks take one more column
-      with_count<kCols>(n, [&](auto r) {
+      with_count<XB>(n, [&](auto r) {
         conv_block<NV, r, RELU, STATS>(g, e, off, xrow + j * g.C, wp, yrow + j * g.O, yend);
       });
       j += n;
@@ -282,12 +302,9 @@ void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const 
 template <int NV>
 void conv_image(const Geometry& g, const Epilogue& e, bool relu, const int64_t* off,
                 const float* xin, const float* wp, float* y) {
-  if (relu) {
-    if (e.stats) return conv_image<NV, true, true>(g, e, off, xin, wp, y);
-    return conv_image<NV, true, false>(g, e, off, xin, wp, y);
-  }
-  if (e.stats) return conv_image<NV, false, true>(g, e, off, xin, wp, y);
-  conv_image<NV, false, false>(g, e, off, xin, wp, y);
+  with_flags(relu, e.stats != nullptr, [&](auto relu_c, auto stats_c) {
+    conv_image<NV, relu_c, stats_c>(g, e, off, xin, wp, y);
+  });
 }
 
 // dw partial sums of one image for TB consecutive kernel taps t = (p * KW + q) * C + c, whose
@@ -361,8 +378,8 @@ void dw_image(const Geometry& g, const int64_t* off, const float* xin, const flo
 // A 3x3 stride-1 conv whose output has even height and width, per 2x2 output tile d (its 4x4
 // input patch): y = A^T [sum_c (G w_c G^T) .* (B^T d_c B)] A. 16 products per tile and
 // channel pair instead of 36; the transforms are additions. Each image's tiles run in blocks
-// of up to kCols: their inputs transformed, then 16 small products (one per place xi of the
-// 4x4 transformed tile), then the outputs transformed, biased, relu'd, summed and stored.
+// of up to kCols<NV>: their inputs transformed, then 16 small products (one per place xi of
+// the 4x4 transformed tile), then the outputs transformed, biased, relu'd, summed and stored.
 // Used where measured faster than the direct kernel: 4-16 input and at most 16 output channels.
 bool winograd_fits(const Geometry& g) {
   return g.KH == 3 && g.KW == 3 && g.Ho % 2 == 0 && g.Wo % 2 == 0 && g.C >= 4 && g.C <= 16 &&
@@ -442,22 +459,23 @@ inline void winograd_product(const float* V, int64_t Cp, int64_t C, const float*
     for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(M + (i * NV + v) * 8) = acc[i][v];
 }
 
-// One image: xin padded (Hp = Ho + 2, Wp = Wo + 2), U from winograd_kernel, work: scratch of
-// winograd_scratch(g) floats.
+// Floats of scratch winograd_image needs: V and M for a block of kCols<1> tiles, the most.
 int64_t winograd_scratch(const Geometry& g) {
   const int64_t nv = (g.O + 7) / 8, cp = (g.C + 7) / 8 * 8;
-  return 16 * 14 * (cp + nv * 8);
+  return 16 * kCols<1> * (cp + nv * 8);
 }
 
+// One image: xin padded (Hp = Ho + 2, Wp = Wo + 2), U from winograd_kernel, work: scratch of
+// winograd_scratch(g) floats.
 template <int NV, bool RELU, bool STATS>
 void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, const float* U,
                     float* y, float* work) {
-  constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
+  constexpr int XB = kCols<NV>;
   const int64_t C = g.C, Cp = (C + 7) / 8 * 8, O = g.O, full = O / 8, rest = O % 8;
   const int64_t tw = g.Wo / 2, tiles = g.Ho / 2 * tw, row = g.Wp * C;
-  const int64_t nb = (tiles + kCols - 1) / kCols, narrow = tiles / nb, wide = tiles % nb;
-  float* V = work;                 // [16][kCols][Cp]
-  float* M = work + 16 * kCols * Cp;  // [16][kCols][NV * 8]
+  const int64_t nb = (tiles + XB - 1) / XB, narrow = tiles / nb, wide = tiles % nb;
+  float* V = work;                 // [16][XB][Cp]
+  float* M = work + 16 * XB * Cp;  // [16][XB][NV * 8]
   v8 s1[NV], s2[NV], bias[NV];
   for (int v = 0; v < NV; ++v) {
     bias[v] = load8(e.bias + v * 8);
@@ -484,20 +502,20 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
         }
         winograd_column(p + 2 * C, row, C - c0, u, 2);
         winograd_column(p + 3 * C, row, C - c0, u, 3);
-        winograd_rows(u, V + k * Cp + c0, kCols * Cp);
+        winograd_rows(u, V + k * Cp + c0, XB * Cp);
       }
     }
-    with_count<kCols>(n, [&](auto r) {
+    with_count<XB>(n, [&](auto r) {
       for (int xi = 0; xi < 16; ++xi)
-        winograd_product<NV, r>(V + xi * kCols * Cp, Cp, C, U + xi * C * NV * 8,
-                                M + xi * kCols * NV * 8);
+        winograd_product<NV, r>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * 8,
+                                M + xi * XB * NV * 8);
     });
     for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
       if (k > 0 && tj == 0) ++ti;
       float* yo = y + (2 * ti * g.Wo + 2 * tj) * O;
       for (int v = 0; v < NV; ++v) {
         const float* m = M + (k * NV + v) * 8;
-        const int64_t xs = kCols * NV * 8;  // between places xi
+        const int64_t xs = XB * NV * 8;  // between places xi
         v8 t[2][4];
         for (int j = 0; j < 4; ++j) {
           const v8 m0 = load8(m + j * xs), m1 = load8(m + (4 + j) * xs);
@@ -537,12 +555,9 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
 template <int NV>
 void winograd_image(const Geometry& g, const Epilogue& e, bool relu, const float* xin,
                     const float* U, float* y, float* work) {
-  if (relu) {
-    if (e.stats) return winograd_image<NV, true, true>(g, e, xin, U, y, work);
-    return winograd_image<NV, true, false>(g, e, xin, U, y, work);
-  }
-  if (e.stats) return winograd_image<NV, false, true>(g, e, xin, U, y, work);
-  winograd_image<NV, false, false>(g, e, xin, U, y, work);
+  with_flags(relu, e.stats != nullptr, [&](auto relu_c, auto stats_c) {
+    winograd_image<NV, relu_c, stats_c>(g, e, xin, U, y, work);
+  });
 }
 
 // The mask source m must have x's shape when mask is set.
@@ -613,7 +628,9 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     else if (wino)
       winograd_image<2>(g, e, relu, xin, wp.data(), yi, &work[worker * wsize]);
     else
-      with_vectors(nv, [&](auto nv_c) { conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), yi); });
+      with_vectors(nv, [&](auto nv_c) {
+        conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), yi);
+      });
     if (stats) {  // per image, so the bits do not depend on the threads
       float* out = s->typed_data() + i * 2 * g.O;
       for (int k = 0; k < 2; ++k)
