@@ -623,6 +623,67 @@ def batch_norm_max_pool(
     return y, *_running_stats(mean_C, var_C, mean, var, momentum)
 
 
+def conv2d_batch_norm_max_pool(
+    x_BHWC: Array,
+    w_HWIO: Array,
+    b_O: Array | None,
+    scale_C: Array,
+    bias_C: Array,
+    mean_C: Array,
+    var_C: Array,
+    window: int | Sequence[int],
+    *,
+    padding: PaddingLike = "VALID",
+    train: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    mask_B: Array | None = None,
+    impl: str = "auto",
+) -> tuple[Array, Array, Array]:
+    """batch_norm_max_pool(relu(conv2d(x, w, b, padding=padding, impl=impl)), window): the
+    pooled output, new running mean and var. Stride 1, no dilation, groups 1.
+
+    Where conv2d would run `native.conv` when training (and the pool is native too), one custom
+    VJP: the gradient that batch norm and the pool give the conv's output is made by the conv's
+    gradient kernels as they read it (`native.conv_pool_grads`), never written. The same bits
+    as the layers one after another, which every other case runs.
+    """
+    win = pair(window, "window")
+    kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
+    in_hw = (int(x_BHWC.shape[1]), int(x_BHWC.shape[2])) if x_BHWC.ndim == 4 else (0, 0)
+    pads = resolve_padding(padding, in_hw, kernel, (1, 1), (1, 1))
+    out_hw = output_hw(in_hw, kernel, (1, 1), pads, (1, 1))
+    fused = train and impl in ("auto", "native") and x_BHWC.ndim == 4 and w_HWIO.ndim == 4
+    if fused:
+        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
+        chosen = impl
+        if impl == "auto":
+            chosen = choose_conv_impl(in_hw, kernel, (1, 1), pads, (1, 1), out_hw, channels=c_io)
+        y_shape = (x_BHWC.shape[0], *out_hw, c_io[1])
+        fused = (
+            chosen == "native"
+            and native.available()
+            and not native.supports_dense(kernel, in_hw, c_io[1], (1, 1), 1, pads, x_BHWC.dtype)
+            and native.supports(kernel, *c_io, (1, 1), (1, 1), 1, pads, x_BHWC.dtype)
+            and native.supports_bn_max_pool(y_shape, win, x_BHWC.dtype)
+        )
+    if not fused:
+        y_BHWO, sums_B2C = conv2d(
+            x_BHWC, w_HWIO, b_O, padding=padding, impl=impl, activation="relu", stats=True
+        )
+        return batch_norm_max_pool(
+            y_BHWO, scale_C, bias_C, mean_C, var_C, win, train=train, momentum=momentum,
+            eps=eps, mask_B=mask_B, sums_B2C=sums_B2C,
+        )  # fmt: skip
+    _check_conv(x_BHWC, w_HWIO, b_O, 1, kernel, pads)
+    y_shape = jax.ShapeDtypeStruct((x_BHWC.shape[0], *out_hw, w_HWIO.shape[3]), x_BHWC.dtype)
+    _check_bn("conv2d_batch_norm_max_pool", y_shape, scale_C, bias_C, mean_C, var_C, mask_B, None)
+    y, mean, var = _conv_bn_pool_train(
+        x_BHWC, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, float(eps)
+    )
+    return y, *_running_stats(mean_C, var_C, mean, var, momentum)
+
+
 def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C, stop=True):
     """Shape checks of batch norm's arguments; returns sums_B2C, its gradient path stopped
     unless stop=False."""
@@ -781,6 +842,35 @@ def _bn_pool_backward(win, eps, res, cotangents):
 
 
 _bn_pool_train.defvjp(_bn_pool_forward, _bn_pool_backward)
+
+
+def _conv_bn_pool_forward(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps):
+    a, sums_B2C = native.conv(x, w_HWIO, pads, b_O, relu=True, stats=True)
+    outs, bn_res = _bn_pool_forward(a, scale_C, bias_C, mask_B, sums_B2C, win, eps)
+    return outs, (x, w_HWIO, b_O, bn_res)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _conv_bn_pool_train(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps):
+    """(max_pool(batch norm(relu(conv(x) + b))), batch mean, batch var), natively."""
+    return _conv_bn_pool_forward(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps)[0]
+
+
+def _conv_bn_pool_backward(pads, win, eps, res, cotangents):
+    del eps
+    x, w_HWIO, b_O, (a, at, scale_C, mask_B, mean, var_raw, r) = res
+    g_y, g_mean, g_var = cotangents
+    w, count = _bn_weights(a, mask_B)
+    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, at, a, mean, win), axis=0)
+    inv, d_scale, c1, c2 = _bn_grad_terms(
+        d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
+    )
+    w_B = jnp.ones(a.shape[0], a.dtype) if w is None else w.reshape(-1)
+    dx, dw, db = native.conv_pool_grads(x, w_HWIO, b_O, pads, a, g_y, at, inv, c1, c2, w_B, win)
+    return dx, dw, db, d_scale, d_bias, _no_gradient(mask_B)
+
+
+_conv_bn_pool_train.defvjp(_conv_bn_pool_forward, _conv_bn_pool_backward)
 
 
 def _mix32(x: Array) -> Array:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,18 @@ from cnn.geometry import Geometry, PaddingLike, pair, resolve_padding
 
 Array = jax.Array
 Shape = tuple[int, ...]
+
+
+class ConvCall(NamedTuple):
+    """A Conv's input and parameters (batch norm folded in), for a later layer to run it: a
+    BatchNorm with max_pool runs conv, relu, batch norm and pool as one
+    (`layers.conv2d_batch_norm_max_pool`)."""
+
+    x_BHWC: Array
+    w_HWIO: Array
+    b_O: Array | None
+    padding: PaddingLike
+    impl: str
 
 
 class Conv(nn.Module):
@@ -45,11 +57,13 @@ class Conv(nn.Module):
         activation: str | None = None,
         stats: bool = False,
         in_affine: tuple[Array, Array] | None = None,
+        defer: bool = False,
     ):
         """activation and stats as in `layers.conv2d`; Sequential fuses a following relu, and
         the batch norm after it, this way. in_affine=(inv_C, shift_C): convolve x * inv + shift
         instead of x, folded into the kernel and bias (`layers.fold_affine`: no padding, groups
-        1); Sequential folds a batch norm before the conv this way."""
+        1); Sequential folds a batch norm before the conv this way. defer=True: return the
+        ConvCall, unrun (needs `runs_later()`)."""
         del train
         kh, kw = pair(self.kernel_size, "kernel_size")
         if x_BHWC.ndim != 4:
@@ -77,6 +91,15 @@ class Conv(nn.Module):
                     f" {self.padding!r}, groups={self.groups}"
                 )
             w, b = layers.fold_affine(w, b, *in_affine)
+        if defer:
+            if not self.runs_later() or activation is not None or stats:
+                raise ValueError(
+                    f"Conv {self.name}: defer=True needs stride 1, dilation 1, groups=1 and no"
+                    f" activation or stats (the layer that runs it applies them); got stride"
+                    f" {self.stride}, dilation {self.dilation}, groups={self.groups},"
+                    f" activation={activation!r}, stats={stats}"
+                )
+            return ConvCall(x_BHWC, w, b, self.padding, self.impl)
         return layers.conv2d(
             x_BHWC,
             w,
@@ -88,6 +111,15 @@ class Conv(nn.Module):
             impl=self.impl,
             activation=activation,
             stats=stats,
+        )
+
+    def runs_later(self) -> bool:
+        """Whether defer=True can hand this conv to a later layer (stride 1, no dilation, groups
+        1: what `layers.conv2d_batch_norm_max_pool` takes)."""
+        return (
+            pair(self.stride, "stride") == (1, 1)
+            and pair(self.dilation, "dilation") == (1, 1)
+            and self.groups == 1
         )
 
     def folds(self, in_shape: Shape) -> bool:
@@ -203,7 +235,7 @@ class BatchNorm(_Pointwise):
     @nn.compact
     def __call__(
         self,
-        x: Array,
+        x: Array | ConvCall,
         train: bool = False,
         mask_B: Array | None = None,
         sums_B2C: Array | None = None,
@@ -214,8 +246,17 @@ class BatchNorm(_Pointwise):
         max_pool: a window; then returns the max pool of the output, computed with it
         (`layers.batch_norm_max_pool`). Sequential fuses a following MaxPool this way.
         affine=True: returns (inv_C, shift_C), the map x * inv + shift it applies, for the next
-        conv to fold (`layers.batch_norm_affine`); Sequential folds it into a following Conv."""
-        c = x.shape[-1]
+        conv to fold (`layers.batch_norm_affine`); Sequential folds it into a following Conv.
+        x a ConvCall (with max_pool): normalizes relu(that conv), run here with the batch norm
+        and the pool (`layers.conv2d_batch_norm_max_pool`); Sequential does this for conv, relu,
+        batch norm, max pool."""
+        conv = x if isinstance(x, ConvCall) else None
+        if conv is not None and (max_pool is None or affine or sums_B2C is not None):
+            raise ValueError(
+                f"BatchNorm {self.name}: a ConvCall input needs max_pool, and takes no sums or"
+                " affine=True"
+            )
+        c = conv.w_HWIO.shape[-1] if conv is not None else x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         if not self.use_scale:
@@ -225,7 +266,12 @@ class BatchNorm(_Pointwise):
         mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         kw = dict(train=train, momentum=self.momentum, eps=self.eps, mask_B=mask_B)
-        if affine:
+        if conv is not None:
+            y, new_mean, new_var = layers.conv2d_batch_norm_max_pool(
+                conv.x_BHWC, conv.w_HWIO, conv.b_O, scale, bias, mean.value, var.value, max_pool,
+                padding=conv.padding, impl=conv.impl, **kw,
+            )  # fmt: skip
+        elif affine:
             inv, shift, new_mean, new_var = layers.batch_norm_affine(
                 x, scale, bias, mean.value, var.value, sums_B2C=sums_B2C, **kw
             )
@@ -315,12 +361,16 @@ class Sequential(nn.Module):
         mask_B: Array | None = None,
     ):
         features: dict[str, Array] = {}
-        fused, sums_B2C, affine = False, None, None
+        skip, sums_B2C, affine = 0, None, None
         for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
-            if fused:  # this layer ran inside the one before it
-                fused = False
+            if skip:  # this layer ran inside one before it
+                skip -= 1
                 continue
-            if isinstance(layer, BatchNorm):
+            if train and not return_features and self._conv_bn_pool(i):
+                call = layer(x, train=train, in_affine=affine, defer=True)
+                x = self.layers[i + 2](call, train, mask_B, max_pool=self.layers[i + 3].window)
+                skip, affine = 3, None  # the relu, batch norm and pool ran here
+            elif isinstance(layer, BatchNorm):
                 nxt = self._layer(i + 1)
                 if not return_features and self.fold_batch_norms and self._folds(i, x.shape):
                     affine = layer(x, train, mask_B, sums_B2C, affine=True)
@@ -328,7 +378,7 @@ class Sequential(nn.Module):
                     continue  # x stays as it is: the next conv applies the batch norm
                 if train and not return_features and isinstance(nxt, MaxPool) and nxt.tiles():
                     x = layer(x, train, mask_B, sums_B2C, max_pool=nxt.window)
-                    fused = True  # the pool ran with the batch norm
+                    skip = 1  # the pool ran with the batch norm
                 else:
                     x = layer(x, train=train, mask_B=mask_B, sums_B2C=sums_B2C)
                 sums_B2C = None
@@ -339,7 +389,7 @@ class Sequential(nn.Module):
                     )
                 else:
                     x = layer(x, train=train, activation="relu", in_affine=affine)
-                fused, affine = True, None
+                skip, affine = 1, None
             elif affine is not None:
                 x, affine = layer(x, train=train, in_affine=affine), None
             else:
@@ -357,6 +407,18 @@ class Sequential(nn.Module):
         its own (the conv's kernel gradient carries them)."""
         nxt = self._layer(i + 1)
         return isinstance(nxt, Conv) and nxt.folds(in_shape)
+
+    def _conv_bn_pool(self, i: int) -> bool:
+        """Conv, relu, batch norm, then a max pool of non-overlapping windows: one call (the
+        batch norm's), so that the conv's gradient kernels can take the pool's gradient."""
+        pool = self._layer(i + 3)
+        return (
+            self._relu_follows_conv(i)
+            and self.layers[i].runs_later()
+            and isinstance(self._layer(i + 2), BatchNorm)
+            and isinstance(pool, MaxPool)
+            and pool.tiles()
+        )
 
     def _relu_follows_conv(self, i: int) -> bool:
         """Conv then relu: one call, so that a lowering can fuse them (the native one does, and

@@ -1096,6 +1096,77 @@ def test_batch_norm_max_pool_picks_and_refuses():
         layers.batch_norm_max_pool(x, c3, c3, c3, c3, 2, train=True, impl="direct")
 
 
+@pytest.mark.parametrize(
+    "x_shape,k,c_out,padding,window,masked,bias",
+    [
+        ((4, 26, 26, 8), 3, 16, "VALID", 2, True, True),  # tiny's 24x24 layer (Winograd)
+        ((3, 11, 9, 10), 3, 8, 1, 2, False, False),  # padded; a row, a column past the windows
+        ((2, 12, 12, 4), 1, 24, "VALID", (3, 2), True, True),
+    ],
+)
+def test_conv2d_batch_norm_max_pool_equals_the_layers(
+    x_shape, k, c_out, padding, window, masked, bias
+):
+    """Values, running statistics and gradients in x, w, b, scale and bias: the same bits as
+    the native layers one after another, and lax's within float32 rounding; a negative scale."""
+    rng = np.random.default_rng(32)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(0.3 * rng.standard_normal((k, k, x_shape[3], c_out)), jnp.float32)
+    b = jnp.asarray(0.1 * rng.standard_normal(c_out), jnp.float32) if bias else None
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, c_out), jnp.float32).at[0].set(-1.5)
+    shift = jnp.asarray(0.1 * rng.standard_normal(c_out), jnp.float32)
+    mean, var = jnp.zeros(c_out), jnp.ones(c_out)
+    mask = jnp.asarray(np.arange(x_shape[0]) != 1, jnp.float32) if masked else None
+
+    def loss(fused, impl="auto"):
+        def f(x, w, b, scale, shift):
+            if fused:
+                y, m, v = layers.conv2d_batch_norm_max_pool(
+                    x, w, b, scale, shift, mean, var, window, padding=padding, train=True,
+                    mask_B=mask,
+                )  # fmt: skip
+            else:
+                a, sums = layers.conv2d(
+                    x, w, b, padding=padding, impl=impl, activation="relu", stats=True
+                )
+                y, m, v = layers.batch_norm_max_pool(
+                    a, scale, shift, mean, var, window, train=True, mask_B=mask, sums_B2C=sums,
+                    impl="native" if impl == "auto" else "xla",
+                )  # fmt: skip
+            return jnp.sum(jnp.sin(y)) + jnp.sum(m * v), (y, m, v)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+    args = (x, w, b, scale, shift)
+    text = loss(True).lower(*args).as_text()
+    assert re.search(r"pool_kh = [1-9]", text) and "cnn_bn_pool_grad" not in text  # not written
+    got = loss(True)(*args)
+    chex.assert_trees_all_equal(got, loss(False)(*args))
+    want_all = jax.tree.leaves(loss(False, "xla")(*args))
+    for g, want in zip(jax.tree.leaves(got), want_all, strict=True):
+        scale = max(1.0, float(jnp.abs(want).max()))  # dw sums 2,304 products per tap
+        np.testing.assert_allclose(g, want, rtol=3e-5, atol=3e-5 * scale)
+
+
+def test_conv2d_batch_norm_max_pool_runs_the_layers_where_it_cannot_fuse():
+    """Evaluation, another lowering, or channels the native pool does not take: the layers one
+    after another, with the same results."""
+    rng = np.random.default_rng(33)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    for c_out, train, impl in ((8, False, "auto"), (8, True, "direct"), (5, True, "auto")):
+        w = jnp.asarray(rng.standard_normal((3, 3, 3, c_out)), jnp.float32)
+        ones, zeros = jnp.ones(c_out), jnp.zeros(c_out)
+        got = layers.conv2d_batch_norm_max_pool(
+            x, w, None, ones, zeros, zeros, ones, 2, train=train, impl=impl
+        )
+        a = layers.conv2d(x, w, impl=impl, activation="relu")
+        y, m, v = layers.batch_norm(a, ones, zeros, zeros, ones, train=train)
+        chex.assert_trees_all_close(got, (layers.max_pool(y, 2), m, v), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="unknown impl 'fast'"):
+        layers.conv2d_batch_norm_max_pool(x, w, None, ones, zeros, zeros, ones, 2, train=True,
+                                          impl="fast")  # fmt: skip
+
+
 # ------------------------------------------------------------------- batch norm as an affine map
 @pytest.mark.parametrize(
     "kw",

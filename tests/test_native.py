@@ -380,7 +380,10 @@ def test_swap_refuses_a_kernel_other_than_1x1():
     )
     pads = native._pad_attrs(((0, 0), (0, 0)))
     with pytest.raises(Exception, match="swap needs a 1x1 kernel"):
-        call(x, g, x, x, **pads, mask=False, bias=False, swap=True, terms=False)
+        call(
+            x, g, x, x, native._NO_PLACES, **pads, mask=False, bias=False, swap=True,
+            terms=False, **native._pool_attrs(None),
+        )  # fmt: skip
 
 
 def test_terms_refused_without_the_mask_or_shaped_otherwise():
@@ -390,23 +393,11 @@ def test_terms_refused_without_the_mask_or_shaped_otherwise():
     call = jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")
     pads = native._pad_attrs(((0, 0), (0, 0)))
     b = jnp.zeros(8, jnp.float32)
+    no_pool = dict(**native._pool_attrs(None), relu=False, stats=False, terms=True)
     with pytest.raises(Exception, match="terms need the mask"):
-        call(
-            x,
-            w,
-            b,
-            m,
-            _rand(19, (2, 2, 4)),
-            **pads,
-            relu=False,
-            mask=False,
-            stats=False,
-            terms=True,
-        )
+        call(x, w, b, m, _rand(19, (2, 2, 4)), native._NO_PLACES, **pads, mask=False, **no_pool)
     with pytest.raises(Exception, match="terms need the mask"):
-        call(
-            x, w, b, m, _rand(19, (2, 2, 3)), **pads, relu=False, mask=True, stats=False, terms=True
-        )
+        call(x, w, b, m, _rand(19, (2, 2, 3)), native._NO_PLACES, **pads, mask=True, **no_pool)
 
 
 @pytest.mark.parametrize(
@@ -442,3 +433,74 @@ def test_stats_are_each_images_sums_and_differentiable(relu, x_shape, w_shape, p
             want = (y, s, *vjp((g_y, g_s)))
     for what, a, e in zip(("y", "sums", "dx", "dw", "db"), got, want, strict=True):
         _assert_close(a, e, what)
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,pads,window",
+    [
+        ((3, 26, 26, 8), (3, 3, 8, 16), ((0, 0), (0, 0)), (2, 2)),  # tiny's: Winograd dx
+        ((3, 9, 11, 10), (3, 3, 10, 16), ((1, 1), (1, 1)), (2, 2)),  # a row, a column past
+        ((2, 10, 10, 4), (1, 1, 4, 24), ((0, 0), (0, 0)), (3, 2)),  # 3x2 windows
+        ((2, 8, 8, 32), (3, 3, 32, 32), ((0, 0), (0, 0)), (2, 3)),
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_pool_gradient_made_as_read_is_the_same_bits(x_shape, w_shape, pads, window, bias):
+    """conv_pool_grads: the gradients of relu(conv) under batch norm and a max pool, the kernels
+    making bn_max_pool_grad's gradient as they read it, are those of the conv's VJP taking it
+    written: the same bits (dx, dw, db), with row weights of 1 and 0."""
+    x, w = _rand(40, x_shape), 0.3 * _rand(41, w_shape)
+    b = 0.1 * _rand(42, w_shape[3:]) if bias else None
+    rng = np.random.default_rng(43)
+    o = w_shape[3]
+    inv = jnp.asarray(rng.uniform(0.5, 2.0, o), jnp.float32)
+    shift, c1, c2 = (jnp.asarray(rng.standard_normal(o), jnp.float32) * s for s in (1, 0.1, 0.1))
+    w_B = jnp.ones(x_shape[0], jnp.float32).at[1].set(0.0)
+
+    def relu_conv(x, w, b):
+        return native.conv(x, w, pads, b, relu=True)
+
+    a, vjp = jax.vjp(relu_conv, x, w, b)
+    pooled, at = native.bn_max_pool(a, inv, shift, window)
+    g = _rand(44, pooled.shape)
+    want = vjp(native.bn_max_pool_grad(g, at, a, inv, c1, c2, w_B, window))
+    got = jax.jit(native.conv_pool_grads, static_argnums=(3, 11))(
+        x, w, b, pads, a, g, at, inv, c1, c2, w_B, window
+    )
+    assert float(jnp.abs(want[0]).max()) > 0  # the pooled gradient reached x
+    for what, got_i, want_i in zip(("dx", "dw", "db"), got, want, strict=True):
+        if want_i is None:
+            assert got_i is None, what
+        else:
+            np.testing.assert_array_equal(got_i, want_i, err_msg=what)
+
+
+def test_pool_gradient_refused_when_misused():
+    """A pooled gradient needs the mask source at full size and operands of matching shapes;
+    the kernel gradient cannot take it swapped."""
+    g, a = _rand(45, (2, 3, 3, 8)), np.abs(_rand(46, (2, 6, 6, 8)))
+    at = np.zeros((2, 3, 3, 8), np.uint8)
+    coef = _rand(47, (5, 8))
+    w, b = _rand(48, (3, 3, 8, 4)), jnp.zeros(4, jnp.float32)
+    out = (jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    conv = jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")
+    pads = native._pad_attrs(((1, 1), (1, 1)))
+    pool = native._pool_attrs((at, coef, (2, 2)))
+    flags = dict(relu=False, stats=False, terms=False)
+    assert conv(g, w, b, a, coef, at, **pads, mask=True, **flags, **pool)[0].shape == (2, 6, 6, 4)
+    with pytest.raises(Exception, match="a pool gradient needs the mask"):
+        conv(g, w, b, a, coef, at, **pads, mask=False, **flags, **pool)
+    with pytest.raises(Exception, match="a pool gradient needs the mask"):  # coef (3 + B, C)
+        conv(g, w, b, a, coef[:4], at, **pads, mask=True, **flags, **pool)
+    with pytest.raises(Exception, match="a pool gradient needs the mask"):  # at: g's shape
+        conv(g, w, b, a, coef, at[:, :2], **pads, mask=True, **flags, **pool)
+    dw_call = jax.ffi.ffi_call(
+        "cnn_conv_dw",
+        (jax.ShapeDtypeStruct((1, 1, 8, 8), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.float32)),
+        vmap_method="sequential",
+    )
+    with pytest.raises(Exception, match="a pool gradient cannot be swapped"):
+        dw_call(
+            a, g, a, coef, at, **native._pad_attrs(((0, 0), (0, 0))), mask=True, bias=False,
+            swap=True, terms=False, **pool,
+        )  # fmt: skip

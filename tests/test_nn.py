@@ -405,8 +405,9 @@ def test_conv2d_activation_on_every_lowering():
 
 @pytest.mark.parametrize("pool", [False, True])
 def test_sequential_fuses_conv_relu_batch_norm_max_pool_when_training(pool, monkeypatch):
-    """Conv, relu, BN (, max pool): the conv takes BN's sums as it writes, BN and pool run as
-    one call; the loss, gradients and running statistics are those of the layers one by one."""
+    """Conv, relu, BN (, max pool): the conv takes BN's sums as it writes; with the pool, all
+    four run as one call (the conv's gradient kernels take the pool's gradient); the loss,
+    gradients and running statistics are those of the layers one by one."""
     tail = [MaxPool(2)] if pool else []
     model = Sequential(
         [Conv(8, 3, use_bias=False), Activation("relu"), BatchNorm(), *tail, Conv(4, 1)]
@@ -442,13 +443,28 @@ def test_sequential_fuses_conv_relu_batch_norm_max_pool_when_training(pool, monk
 
     want = loss(by_hand)(variables["params"], x)
     calls = []
-    real = layers.batch_norm_max_pool
+    real = layers.conv2d_batch_norm_max_pool
     monkeypatch.setattr(
-        layers, "batch_norm_max_pool", lambda *a, **k: calls.append(a[5]) or real(*a, **k)
+        layers, "conv2d_batch_norm_max_pool", lambda *a, **k: calls.append(a[7]) or real(*a, **k)
     )
     got = loss(fused)(variables["params"], x)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
     assert calls == ([2] if pool else [])
+    monkeypatch.setattr(Sequential, "_conv_bn_pool", lambda self, i: False)
+    chex.assert_trees_all_equal(loss(fused)(variables["params"], x), got)  # the same bits
+
+
+def test_deferred_conv_needs_what_the_fused_call_takes():
+    x = _x((2, 8, 8, 3))
+    strided = Conv(8, 3, stride=2)
+    params = strided.init(KEY, x)
+    assert not strided.runs_later()
+    with pytest.raises(ValueError, match="defer=True needs stride 1, dilation 1, groups=1"):
+        strided.apply(params, x, defer=True)
+    call = Conv(8, 3).apply(Conv(8, 3).init(KEY, x), x, defer=True)
+    assert call.w_HWIO.shape == (3, 3, 3, 8) and call.x_BHWC is x
+    with pytest.raises(ValueError, match="a ConvCall input needs max_pool"):
+        BatchNorm().init(KEY, call, train=True)
 
 
 # ------------------------------------------------------------------- batch norm folded into conv

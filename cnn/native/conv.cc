@@ -8,10 +8,13 @@
 // the values are read; with terms=1 also the cotangent t (B, 2, C) of batch-norm sums of m is
 // added there, as x + t0 + 2 m t1 (copy_masked_terms). cnn_conv_dw with swap=1 (1x1 kernels,
 // no padding) takes x and g in each other's places: the mask then applies to x, and
-// db[c] = sum of (masked) x. A 1x1 kernel
-// gradient with few output channels (10) and more input channels (32) is cheaper so, as the
-// caller's transpose of dw: the lanes hold the wider side. The input gradient of cnn_conv is
-// cnn_conv of g with the flipped, transposed kernel (cnn/native.py). Output channels are held
+// db[c] = sum of (masked) x. A 1x1 kernel gradient with few output channels (10) and more input
+// channels (32) is cheaper so, as the caller's transpose of dw: the lanes hold the wider side.
+// With pool_kh, pool_kw > 0, the values read in place of x (cnn_conv) or g (cnn_conv_dw) are
+// cnn_bn_pool_grad's, made as they are read (PoolGrad) from the pooled gradient passed there,
+// the places and t's coefficients: a relu'd conv under batch norm and a max pool never writes
+// its gradient. The input gradient of cnn_conv is cnn_conv of g with the flipped, transposed
+// kernel (cnn/native.py). Output channels are held
 // in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
 // several output columns at a time; images are shared among XLA's intra-op threads. A 3x3
 // cnn_conv with an even output and 4-16 channels each way runs Winograd F(2x2, 3x3) instead
@@ -171,13 +174,108 @@ inline void add_rows(float* sum, const float* src, int64_t rows, int64_t n) {
   for (int64_t o = 0; o < rest; ++o) sum[full * 8 + o] = tail[o];
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+// 8 places (uint8) as 8 int32 lanes: one vpmovzxbd (GCC's generic conversion goes byte by byte).
+inline v8i load_places(const uint8_t* p) {
+#if defined(__AVX2__) && defined(__FMA__)  // immintrin.h is included
+  return v8i(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  u8x8 b;
+  std::memcpy(&b, p, 8);
+  return __builtin_convertvector(b, v8i);
+#endif
+}
+
+// Zeroes the padding of an image padded as g says: the rows above and below, and the columns
+// left and right of each row between (what the copy of the image into it leaves unwritten).
+inline void zero_border(const Geometry& g, float* scratch) {
+  const int64_t row = g.Wp * g.C, right = g.Wp - g.pl - g.W;
+  std::fill(scratch, scratch + g.pt * row, 0.0f);
+  std::fill(scratch + (g.pt + g.H) * row, scratch + g.Hp * row, 0.0f);
+  for (int64_t i = g.pt; i < g.pt + g.H; ++i) {
+    std::fill(scratch + i * row, scratch + i * row + g.pl * g.C, 0.0f);
+    std::fill(scratch + (i + 1) * row - right * g.C, scratch + (i + 1) * row, 0.0f);
+  }
+}
+
+// The gradient a relu'd conv output a receives from batch norm, then a max pool over
+// non-overlapping kh x kw windows, as cnn_bn_pool_grad writes it (d), made where it is read
+// instead: d = (c1 + a * c2) * w[b], plus gp * inv at the place `at` of each window's maximum;
+// then 0 where a <= 0 (the relu). gp and at are (B, Hq, Wq, C); coef holds inv, c1, c2, then
+// w[b] for each image b, each a row of C values.
+struct PoolGrad {
+  const float* gp;
+  const uint8_t* at;
+  const float* coef;
+  int64_t kh, kw, Hq, Wq;
+};
+
+// Row i of image b's pool gradient, W pixels of C = NV * 8 channels: dst = masked d. Window by
+// window, place by place (no divisions per pixel), the coefficients held in registers.
+template <int NV>
+inline void pool_grad_row(float* dst, const float* a, int64_t i, int64_t W, const PoolGrad& p,
+                          int64_t b) {
+  constexpr int64_t C = NV * 8;
+  v8 iv[NV], k1[NV], k2[NV];
+  for (int v = 0; v < NV; ++v) {
+    iv[v] = load8(p.coef + 8 * v);
+    k1[v] = load8(p.coef + C + 8 * v);
+    k2[v] = load8(p.coef + 2 * C + 8 * v);
+  }
+  const float w = p.coef[(3 + b) * C];
+  const int64_t windows = i < p.Hq * p.kh ? p.Wq : 0, q = (b * p.Hq + i / p.kh) * p.Wq * C;
+  const float* gq = p.gp + q;
+  const uint8_t* atq = p.at + q;
+  const int32_t k0 = int32_t((i % p.kh) * p.kw);
+  int64_t j = 0;
+  for (int64_t jq = 0; jq < windows; ++jq, gq += C, atq += C) {
+    v8 gz[NV];
+    v8i at[NV];
+    for (int v = 0; v < NV; ++v) {
+      gz[v] = load8(gq + 8 * v) * iv[v];
+      at[v] = load_places(atq + 8 * v);
+    }
+    for (int32_t k = k0; k < k0 + p.kw; ++k, ++j, dst += C, a += C)
+      for (int v = 0; v < NV; ++v) {
+        const v8 av = load8(a + 8 * v);
+        v8 d = (k1[v] + av * k2[v]) * w;
+        d = d + (at[v] == k ? gz[v] : v8{});
+        *reinterpret_cast<v8u*>(dst + 8 * v) = av > 0.0f ? d : v8{};
+      }
+  }
+  for (; j < W; ++j, dst += C, a += C)  // past the last window: no pooled gradient
+    for (int v = 0; v < NV; ++v) {
+      const v8 av = load8(a + 8 * v), d = (k1[v] + av * k2[v]) * w;
+      *reinterpret_cast<v8u*>(dst + 8 * v) = av > 0.0f ? d : v8{};
+    }
+}
+
+// Row i of image b's pool gradient, W pixels of C channels (8-32): dst = masked d.
+inline void pool_grad_row(float* dst, const float* a, int64_t i, int64_t W, int64_t C,
+                          const PoolGrad& p, int64_t b) {
+  with_vectors(C / 8, [&](auto nv) { pool_grad_row<nv>(dst, a, i, W, p, b); });
+}
+
+// Image b's pool gradient (its relu'd conv output a: H x W x C) into scratch, zero-padded as g
+// says; the input cnn_conv then reads.
+const float* pool_grad_image(const Geometry& g, const PoolGrad& p, const float* a, int64_t b,
+                             float* scratch) {
+  zero_border(g, scratch);
+  for (int64_t i = 0; i < g.H; ++i)
+    pool_grad_row(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, a + i * g.W * g.C, i, g.W, g.C,
+                  p, b);
+  return scratch;
+}
+
 // One image zero-padded and masked (m: its mask source, or nullptr) into scratch, with the
 // terms t (nullptr: none; needs m) as copy_masked_terms adds them; x itself when there is
 // neither padding nor mask.
 const float* prepared_image(const Geometry& g, const float* x, const float* m, const float* t,
                             float* scratch) {
   if (!g.padded() && !m) return x;
-  if (g.padded()) std::fill(scratch, scratch + g.padded_image_size(), 0.0f);
+  zero_border(g, scratch);
   for (int64_t i = 0; i < g.H; ++i) {
     float* dst = scratch + ((i + g.pt) * g.Wp + g.pl) * g.C;
     const int64_t k = i * g.W * g.C;
@@ -576,12 +674,39 @@ ffi::Error check_terms(ffi::Buffer<ffi::F32>& t, bool terms, bool mask, int64_t 
   return ffi::Error::Success();
 }
 
+// Checks the pool operands (pool_kh > 0): the mask source a is the full-size input (B, H, W, C),
+// x and the places at its pooled shape, coef (3 + B, C); returns the PoolGrad (else unused).
+ffi::Error check_pool(ffi::Span<const int64_t> ad, ffi::Buffer<ffi::F32>& x,
+                      ffi::Buffer<ffi::U8>& at, ffi::Buffer<ffi::F32>& coef, bool mask,
+                      bool terms, int64_t kh, int64_t kw, const char* what, PoolGrad& p) {
+  if (kh <= 0 && kw <= 0) return ffi::Error::Success();
+  auto xd = x.dimensions();
+  if (!mask || terms || kh <= 0 || kw <= 0 || ad.size() != 4 || ad[3] % 8 != 0 ||
+      xd.size() != 4 || xd[0] != ad[0] || xd[1] != ad[1] / kh || xd[2] != ad[2] / kw ||
+      xd[3] != ad[3] || !same_dims(at.dimensions(), xd) ||
+      int64_t(coef.element_count()) != (3 + ad[0]) * ad[3])
+    return ffi::Error::InvalidArgument(
+        std::string(what) +
+        ": a pool gradient needs the mask (its source: the pooled input, 8-32 channels), no"
+        " terms, the pooled gradient and places shaped (B, H / pool_kh, W / pool_kw, C) and"
+        " coefficients (3 + B, C)");
+  p = PoolGrad{x.typed_data(), at.typed_data(), coef.typed_data(), kh, kw, xd[1], xd[2]};
+  return ffi::Error::Success();
+}
+
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
-                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> s, int64_t pt,
-                    int64_t pb, int64_t pl, int64_t pr, bool relu, bool mask, bool stats,
-                    bool terms) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+                    ffi::Buffer<ffi::U8> at, ffi::ResultBuffer<ffi::F32> y,
+                    ffi::ResultBuffer<ffi::F32> s, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                    bool relu, bool mask, bool stats, bool terms, int64_t pool_kh,
+                    int64_t pool_kw) {
+  PoolGrad pg{};
+  const bool pooled = pool_kh > 0 || pool_kw > 0;  // x is a pooled gradient; m has the shape
+  if (auto e = check_pool(m.dimensions(), x, at, t, mask, terms, pool_kh, pool_kw, "cnn_conv",
+                          pg);
+      e.failure())
+    return e;
+  auto xd = pooled ? m.dimensions() : x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("cnn_conv: expects NHWC x, HWIO w, NHWC y");
   if (int64_t(b.element_count()) != wd[3] || (mask && !same_dims(m.dimensions(), xd)))
@@ -616,9 +741,11 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* ys = y->typed_data();
   const int64_t x_img = g.H * g.W * g.C;
   auto body = [&](int64_t i, int64_t worker) {
-    const float* xin = prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
-                                      ts ? ts + i * 2 * g.C : nullptr,
-                                      scratch.empty() ? nullptr : &scratch[worker * img]);
+    const float* xin =
+        pooled ? pool_grad_image(g, pg, ms + i * x_img, i, &scratch[worker * img])
+               : prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
+                                ts ? ts + i * 2 * g.C : nullptr,
+                                scratch.empty() ? nullptr : &scratch[worker * img]);
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
     const Epilogue e{bp.data(), image_sums};
@@ -642,11 +769,19 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
-                      ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
+                      ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::U8> at,
                       ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr, bool mask, bool bias, bool swap,
-                      bool terms) {
-  auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
+                      bool terms, int64_t pool_kh, int64_t pool_kw) {
+  PoolGrad pg{};
+  const bool pooled = pool_kh > 0 || pool_kw > 0;  // gy is a pooled gradient; m has g's shape
+  if (pooled && swap)
+    return ffi::Error::InvalidArgument("cnn_conv_dw: a pool gradient cannot be swapped");
+  if (auto e = check_pool(m.dimensions(), gy, at, t, mask, terms, pool_kh, pool_kw,
+                          "cnn_conv_dw", pg);
+      e.failure())
+    return e;
+  auto xd = x.dimensions(), gd = pooled ? m.dimensions() : gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
   if (int64_t(db->element_count()) != (swap ? wd[2] : wd[3]) ||
@@ -689,7 +824,13 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                                         swap && ts ? ts + b * 2 * g.C : nullptr,
                                         copy_x ? &scratch[worker * img] : nullptr);
       const float* gp = gs + b * g_img;
-      if (copy_g) {
+      if (pooled) {  // O is a multiple of 8: rows of Wo * O floats, as dw_image reads them
+        float* dst = &gscratch[worker * gimg];
+        for (int64_t i = 0; i < g.Ho; ++i)
+          pool_grad_row(dst + i * g.Wo * g.O, ms + b * g_img + i * g.Wo * g.O, i, g.Wo, g.O, pg,
+                        b);
+        gp = dst;
+      } else if (copy_g) {
         float* dst = &gscratch[worker * gimg];
         if (ragged) std::fill(dst, dst + gimg, 0.0f);
         const float* mp = ms && !swap ? ms + b * g_img : nullptr;
@@ -761,14 +902,6 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
   return ffi::Error::Success();
 }
 
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-
-inline v8i load_places(const uint8_t* p) {
-  u8x8 b;
-  std::memcpy(&b, p, 8);
-  return __builtin_convertvector(b, v8i);
-}
 
 // The channels are NV vectors of 8 (C = 8 * NV): each window is a few vector operations.
 template <int NV>
@@ -1144,7 +1277,8 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
       .Attr<int64_t>("pad_left")   \
       .Attr<int64_t>("pad_right")
 
-// x, w, bias, mask source, terms -> y, per-image sums of y and y^2 (B, 2, O; with stats)
+// x, w, bias, mask source, terms (or pool coefficients), places -> y, per-image sums of y and
+// y^2 (B, 2, O; with stats)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1153,13 +1287,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("relu")
                                   .Attr<bool>("mask")
                                   .Attr<bool>("stats")
-                                  .Attr<bool>("terms"));
-// x, g, mask source, terms -> dw, db (zeros unless bias)
+                                  .Attr<bool>("terms")
+                                  .Attr<int64_t>("pool_kh")
+                                  .Attr<int64_t>("pool_kw"));
+// x, g, mask source, terms (or pool coefficients), places -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1167,12 +1304,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("mask")
                                   .Attr<bool>("bias")
                                   .Attr<bool>("swap")
-                                  .Attr<bool>("terms"));
+                                  .Attr<bool>("terms")
+                                  .Attr<int64_t>("pool_kh")
+                                  .Attr<int64_t>("pool_kw"));
 
 // a, inv, shift -> pooled, place of each window's maximum
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
