@@ -644,9 +644,9 @@ def conv2d_batch_norm_max_pool(
     pooled output, new running mean and var. Stride 1, no dilation, groups 1.
 
     Where conv2d would run `native.conv` when training (and the pool is native too), one custom
-    VJP: the gradient that batch norm and the pool give the conv's output is made by the conv's
-    gradient kernels as they read it (`native.conv_pool_grads`), never written. The same bits
-    as the layers one after another, which every other case runs.
+    VJP: the gradient that batch norm and the pool give the conv's output is made image by image
+    where the conv's input- and kernel-gradient kernels read it (`native.conv_pool_grads`),
+    never written. The same bits as the layers one after another, which every other case runs.
     """
     win = pair(window, "window")
     kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)

@@ -11,8 +11,9 @@ is read. So the relu and the batch norm's statistics take no pass over memory of
 `bn_max_pool`, `bn_max_pool_sums` and `bn_max_pool_grad` are training's batch norm followed by
 a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and
 pools, and the backward pass needs only the pooled gradient. `conv_pool_grads` takes the
-gradients of a relu'd conv under them without `bn_max_pool_grad`'s full-size gradient ever being
-written: the conv's gradient kernels make it as they read it (`layers.conv2d_batch_norm_max_pool`).
+gradients of a relu'd conv under them in one call, without `bn_max_pool_grad`'s full-size
+gradient ever being written: it is made image by image where the conv's input- and
+kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`).
 
 `dense(x_BK, w_KO)` is a kernel that covers its whole input as a matmul with few outputs (O <=
 32), forward and gradients; `adam_moments` is Adam's moment update for one array
@@ -44,8 +45,6 @@ from cnn.files import cache_dir
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
-PoolGrad = tuple  # (places (B, P, Q, O) uint8, coefficients (3 + B, O), window): see _forward
-_NO_PLACES = np.zeros((0,), np.uint8)  # the places operand when there is no pool gradient
 
 MAX_CHANNELS = 32  # input and output channels; 4 vectors of 8 lanes
 SOURCE = pathlib.Path(__file__).with_name("native") / "conv.cc"
@@ -56,6 +55,7 @@ _TARGETS = {
     "cnn_bn_pool": "CnnBnPool",
     "cnn_bn_pool_sums": "CnnBnPoolSums",
     "cnn_bn_pool_grad": "CnnBnPoolGrad",
+    "cnn_conv_pool_grads": "CnnConvPoolGrads",
     "cnn_adam": "CnnAdam",
     "cnn_dense": "CnnDense",
     "cnn_dense_dx": "CnnDenseDx",
@@ -196,11 +196,6 @@ def _pad_attrs(pads: Pads) -> dict[str, np.int64]:
     }
 
 
-def _pool_attrs(pool: PoolGrad | None) -> dict[str, np.int64]:
-    kh, kw = (0, 0) if pool is None else pool[2]
-    return {"pool_kh": np.int64(kh), "pool_kw": np.int64(kw)}
-
-
 def _forward(
     x_BHWC: Array,
     w_HWIO: Array,
@@ -210,34 +205,30 @@ def _forward(
     mask_BHWC: Array | None,
     stats: bool = False,
     terms_B2C: Array | None = None,
-    pool: PoolGrad | None = None,
 ) -> tuple[Array, Array]:
     """(act(conv(x' , w) + b), its per-image sums (B, 2, O) if stats else a (0,) placeholder),
     x' = x (+ terms[:, 0] + 2 mask * terms[:, 1]) where mask > 0, else 0; the mask source None
-    means no mask (and no terms). pool (places, coefficients, window): x is a pooled gradient
-    and x' the gradient bn_max_pool_grad would spread from it over the mask source, masked."""
+    means no mask (and no terms)."""
     (pt, pb), (pl, pr) = pads
-    b, h, w, _ = (x_BHWC if pool is None else mask_BHWC).shape
+    b, h, w, _ = x_BHWC.shape
     kh, kw, _, o = w_HWIO.shape
     out = (
         jax.ShapeDtypeStruct((b, h + pt + pb - kh + 1, w + pl + pr - kw + 1, o), jnp.float32),
         jax.ShapeDtypeStruct((b, 2, o) if stats else (0,), jnp.float32),
     )
     m = x_BHWC if mask_BHWC is None else mask_BHWC  # unread without the mask
-    t = b_O if terms_B2C is None else terms_B2C  # unread without terms or a pool
+    t = b_O if terms_B2C is None else terms_B2C  # unread without terms
     return jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")(
         x_BHWC,
         w_HWIO,
         b_O,
         m,
-        t if pool is None else pool[1],
-        _NO_PLACES if pool is None else pool[0],
+        t,
         **_pad_attrs(pads),
         relu=relu,
         mask=mask_BHWC is not None,
         stats=stats,
         terms=terms_B2C is not None,
-        **_pool_attrs(pool),
     )
 
 
@@ -282,6 +273,7 @@ def _conv_fwd(x_BHWC, w_HWIO, b_O, pads, relu, stats):
 def _conv_bwd(pads, relu, stats, res, cotangents):
     x_BHWC, w_HWIO, b_O, y_BHWO = res
     g_BHWO, g_sums_B2O = cotangents
+    kh, kw, c, o = w_HWIO.shape
     if isinstance(g_BHWO, SymbolicZero):  # only the sums are used, so stats kept y
         g_BHWO = jnp.zeros_like(y_BHWO)
     terms_B2O = None  # d sum(y) = 1, d sum(y^2) = 2y: with a relu, the kernels add these
@@ -294,25 +286,11 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
                 + g_sums_B2O[:, None, None, 0, :]
                 + 2 * y_BHWO * g_sums_B2O[:, None, None, 1, :]
             )
-    # a: the relu's output, whose > 0 is its derivative
-    return _grads(x_BHWC, w_HWIO, b_O, pads, y_BHWO if relu else None, g_BHWO, terms_B2O)
-
-
-def _grads(x_BHWC, w_HWIO, b_O, pads, a_BHWO, g_BHWO, terms_B2O=None, pool=None):
-    """(dx, dw, db) of act(conv(x, w) + b) from the output gradient g (with terms, or pooled),
-    as `_forward` reads it; a_BHWO: the relu's output, or None without a relu."""
-    kh, kw, c, o = w_HWIO.shape
+    a_BHWO = y_BHWO if relu else None  # the relu's output, whose > 0 is its derivative
     full = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
     w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
     dx_BHWC, _ = _forward(
-        g_BHWO,
-        w_flip_HWOI,
-        jnp.zeros(c, jnp.float32),
-        full,
-        False,
-        a_BHWO,
-        terms_B2C=terms_B2O,
-        pool=pool,
+        g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO, terms_B2C=terms_B2O
     )
     m = g_BHWO if a_BHWO is None else a_BHWO
     # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
@@ -323,25 +301,14 @@ def _grads(x_BHWC, w_HWIO, b_O, pads, a_BHWO, g_BHWO, terms_B2O=None, pool=None)
         "mask": a_BHWO is not None,
         "bias": native_db,
         "terms": terms_B2O is not None,
-        **_pool_attrs(pool),
     }
-    # the same sums, with the lanes on the wider side
-    swap = pool is None and _swap_dw((kh, kw), pads, c, o)
+    swap = _swap_dw((kh, kw), pads, c, o)  # the same sums, with the lanes on the wider side
     a, b, dw_shape = (g_BHWO, x_BHWC, (1, 1, o, c)) if swap else (x_BHWC, g_BHWO, w_HWIO.shape)
-    t = g_BHWO if terms_B2O is None else terms_B2O  # unread without terms or a pool
     dw, db_O = jax.ffi.ffi_call(
         "cnn_conv_dw",
         (jax.ShapeDtypeStruct(dw_shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
         vmap_method="sequential",
-    )(
-        a,
-        b,
-        m,
-        t if pool is None else pool[1],
-        _NO_PLACES if pool is None else pool[0],
-        **attrs,
-        swap=swap,
-    )
+    )(a, b, m, g_BHWO if terms_B2O is None else terms_B2O, **attrs, swap=swap)
     dw_HWIO = dw.transpose(0, 1, 3, 2) if swap else dw
     if b_O is None:
         return dx_BHWC, dw_HWIO, None
@@ -393,13 +360,31 @@ def conv_pool_grads(
     x_BHWC, w_HWIO, b_O, pads, a_BHWO, g_BPQO, at_BPQO, inv_O, c1_O, c2_O, w_B, win
 ):
     """(dx, dw, db; db None without b) of a = relu(conv(x, w, pads) + b) whose output gradient
-    is bn_max_pool_grad(g, at, a, inv, c1, c2, w_B, win): the same values, but the kernels make
-    that gradient as they read it, from the pooled g (B, P, Q, O), instead of it being written
-    and read back (O: 8, 16, 24 or 32)."""
+    is bn_max_pool_grad(g, at, a, inv, c1, c2, w_B, win): the same values, but one call makes
+    that gradient image by image, from the pooled g (B, P, Q, O), where the input and kernel
+    gradients both read it, instead of it being written and read back (O: 8, 16, 24 or 32)."""
     require()
-    b, o = a_BHWO.shape[0], a_BHWO.shape[3]
+    kh, kw, c, o = w_HWIO.shape
+    b = a_BHWO.shape[0]
     coef = jnp.concatenate([jnp.stack([inv_O, c1_O, c2_O]), jnp.broadcast_to(w_B[:, None], (b, o))])
-    return _grads(x_BHWC, w_HWIO, b_O, pads, a_BHWO, g_BPQO, pool=(at_BPQO, coef, tuple(win)))
+    out = (
+        jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
+        jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32),
+        jax.ShapeDtypeStruct((o,), jnp.float32),
+    )
+    w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
+    dx, dw, db = jax.ffi.ffi_call("cnn_conv_pool_grads", out, vmap_method="sequential")(
+        x_BHWC,
+        w_flip_HWOI,
+        a_BHWO,
+        g_BPQO,
+        at_BPQO,
+        coef,
+        **_pad_attrs(pads),
+        **_window(win),
+        bias=b_O is not None,
+    )
+    return dx, dw, None if b_O is None else db
 
 
 def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Array:

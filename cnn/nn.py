@@ -410,7 +410,7 @@ class Sequential(nn.Module):
 
     def _conv_bn_pool(self, i: int) -> bool:
         """Conv, relu, batch norm, then a max pool of non-overlapping windows: one call (the
-        batch norm's), so that the conv's gradient kernels can take the pool's gradient."""
+        batch norm's), so that the conv's gradients can be taken from the pooled gradient."""
         pool = self._layer(i + 3)
         return (
             self._relu_follows_conv(i)

@@ -380,10 +380,7 @@ def test_swap_refuses_a_kernel_other_than_1x1():
     )
     pads = native._pad_attrs(((0, 0), (0, 0)))
     with pytest.raises(Exception, match="swap needs a 1x1 kernel"):
-        call(
-            x, g, x, x, native._NO_PLACES, **pads, mask=False, bias=False, swap=True,
-            terms=False, **native._pool_attrs(None),
-        )  # fmt: skip
+        call(x, g, x, x, **pads, mask=False, bias=False, swap=True, terms=False)
 
 
 def test_terms_refused_without_the_mask_or_shaped_otherwise():
@@ -393,11 +390,11 @@ def test_terms_refused_without_the_mask_or_shaped_otherwise():
     call = jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")
     pads = native._pad_attrs(((0, 0), (0, 0)))
     b = jnp.zeros(8, jnp.float32)
-    no_pool = dict(**native._pool_attrs(None), relu=False, stats=False, terms=True)
+    flags = dict(relu=False, stats=False, terms=True)
     with pytest.raises(Exception, match="terms need the mask"):
-        call(x, w, b, m, _rand(19, (2, 2, 4)), native._NO_PLACES, **pads, mask=False, **no_pool)
+        call(x, w, b, m, _rand(19, (2, 2, 4)), **pads, mask=False, **flags)
     with pytest.raises(Exception, match="terms need the mask"):
-        call(x, w, b, m, _rand(19, (2, 2, 3)), native._NO_PLACES, **pads, mask=True, **no_pool)
+        call(x, w, b, m, _rand(19, (2, 2, 3)), **pads, mask=True, **flags)
 
 
 @pytest.mark.parametrize(
@@ -442,12 +439,13 @@ def test_stats_are_each_images_sums_and_differentiable(relu, x_shape, w_shape, p
         ((3, 9, 11, 10), (3, 3, 10, 16), ((1, 1), (1, 1)), (2, 2)),  # a row, a column past
         ((2, 10, 10, 4), (1, 1, 4, 24), ((0, 0), (0, 0)), (3, 2)),  # 3x2 windows
         ((2, 8, 8, 32), (3, 3, 32, 32), ((0, 0), (0, 0)), (2, 3)),
+        ((5, 9, 8, 3), (3, 3, 3, 8), ((1, 0), (0, 2)), (2, 2)),  # asymmetric pads, B % 4 != 0
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_pool_gradient_made_as_read_is_the_same_bits(x_shape, w_shape, pads, window, bias):
-    """conv_pool_grads: the gradients of relu(conv) under batch norm and a max pool, the kernels
-    making bn_max_pool_grad's gradient as they read it, are those of the conv's VJP taking it
+    """conv_pool_grads: the gradients of relu(conv) under batch norm and a max pool, one call
+    making bn_max_pool_grad's gradient image by image, are those of the conv's VJP taking it
     written: the same bits (dx, dw, db), with row weights of 1 and 0."""
     x, w = _rand(40, x_shape), 0.3 * _rand(41, w_shape)
     b = 0.1 * _rand(42, w_shape[3:]) if bias else None
@@ -475,32 +473,32 @@ def test_pool_gradient_made_as_read_is_the_same_bits(x_shape, w_shape, pads, win
             np.testing.assert_array_equal(got_i, want_i, err_msg=what)
 
 
-def test_pool_gradient_refused_when_misused():
-    """A pooled gradient needs the mask source at full size and operands of matching shapes;
-    the kernel gradient cannot take it swapped."""
-    g, a = _rand(45, (2, 3, 3, 8)), np.abs(_rand(46, (2, 6, 6, 8)))
-    at = np.zeros((2, 3, 3, 8), np.uint8)
-    coef = _rand(47, (5, 8))
-    w, b = _rand(48, (3, 3, 8, 4)), jnp.zeros(4, jnp.float32)
-    out = (jax.ShapeDtypeStruct((2, 6, 6, 4), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
-    conv = jax.ffi.ffi_call("cnn_conv", out, vmap_method="sequential")
-    pads = native._pad_attrs(((1, 1), (1, 1)))
-    pool = native._pool_attrs((at, coef, (2, 2)))
-    flags = dict(relu=False, stats=False, terms=False)
-    assert conv(g, w, b, a, coef, at, **pads, mask=True, **flags, **pool)[0].shape == (2, 6, 6, 4)
-    with pytest.raises(Exception, match="a pool gradient needs the mask"):
-        conv(g, w, b, a, coef, at, **pads, mask=False, **flags, **pool)
-    with pytest.raises(Exception, match="a pool gradient needs the mask"):  # coef (3 + B, C)
-        conv(g, w, b, a, coef[:4], at, **pads, mask=True, **flags, **pool)
-    with pytest.raises(Exception, match="a pool gradient needs the mask"):  # at: g's shape
-        conv(g, w, b, a, coef, at[:, :2], **pads, mask=True, **flags, **pool)
-    dw_call = jax.ffi.ffi_call(
-        "cnn_conv_dw",
-        (jax.ShapeDtypeStruct((1, 1, 8, 8), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.float32)),
-        vmap_method="sequential",
-    )
-    with pytest.raises(Exception, match="a pool gradient cannot be swapped"):
-        dw_call(
-            a, g, a, coef, at, **native._pad_attrs(((0, 0), (0, 0))), mask=True, bias=False,
-            swap=True, terms=False, **pool,
-        )  # fmt: skip
+def test_pool_gradients_refuse_operands_that_do_not_match():
+    """One error naming what cnn_conv_pool_grads expects, for each kind of mismatch."""
+    x = _rand(45, (2, 8, 8, 4))
+
+    def call(o=8, wf_o=None, coef_rows=5, at_rows=3, rows=6):
+        a, g = np.abs(_rand(46, (2, rows, 6, o))), _rand(47, (2, 3, 3, o))
+        at, coef = np.zeros((2, at_rows, 3, o), np.uint8), _rand(48, (coef_rows, o))
+        wf = _rand(49, (3, 3, wf_o or o, 4))
+        out = (
+            jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct((3, 3, 4, o), jnp.float32),
+            jax.ShapeDtypeStruct((o,), jnp.float32),
+        )
+        attrs = dict(**native._pad_attrs(((0, 0), (0, 0))), **native._window((2, 2)), bias=True)
+        return jax.ffi.ffi_call("cnn_conv_pool_grads", out, vmap_method="sequential")(
+            x, wf, a, g, at, coef, **attrs
+        )
+
+    assert [r.shape for r in call()] == [(2, 8, 8, 4), (3, 3, 4, 8), (8,)]
+    with pytest.raises(Exception, match=r"the flipped kernel \(KH, KW, O, C\)"):
+        call(wf_o=7)
+    with pytest.raises(Exception, match=r"coefficients \(3 \+ B, C\)"):
+        call(coef_rows=4)
+    with pytest.raises(Exception, match="places shaped"):
+        call(at_rows=2)
+    with pytest.raises(Exception, match="8, 16, 24 or 32 channels"):
+        call(o=12)
+    with pytest.raises(Exception, match="does not match the geometry"):
+        call(rows=7)

@@ -10,15 +10,13 @@
 // no padding) takes x and g in each other's places: the mask then applies to x, and
 // db[c] = sum of (masked) x. A 1x1 kernel gradient with few output channels (10) and more input
 // channels (32) is cheaper so, as the caller's transpose of dw: the lanes hold the wider side.
-// With pool_kh, pool_kw > 0, the values read in place of x (cnn_conv) or g (cnn_conv_dw) are
-// cnn_bn_pool_grad's, made as they are read (PoolGrad) from the pooled gradient passed there,
-// the places and t's coefficients: a relu'd conv under batch norm and a max pool never writes
-// its gradient. The input gradient of cnn_conv is cnn_conv of g with the flipped, transposed
-// kernel (cnn/native.py). Output channels are held
-// in 8-lane vectors (GCC vector extensions: AVX2 or AVX-512 ymm registers, NEON pairs),
-// several output columns at a time; images are shared among XLA's intra-op threads. A 3x3
-// cnn_conv with an even output and 4-16 channels each way runs Winograd F(2x2, 3x3) instead
-// (winograd_image): 2.25x fewer multiplies, measured 1.1-1.6x faster per image.
+// The input gradient of cnn_conv is cnn_conv of g with the flipped, transposed kernel
+// (cnn/native.py). Output channels are held in 8-lane vectors (GCC vector extensions: AVX2 or
+// AVX-512 ymm registers, NEON pairs), several output columns at a time; images are shared among
+// XLA's intra-op threads. A 3x3 cnn_conv with an even output and 4-16 channels each way runs
+// Winograd F(2x2, 3x3) instead (winograd_image): 2.25x fewer multiplies, measured 1.1-1.6x
+// faster per image. cnn_conv_pool_grads (below cnn_bn_pool_grad) takes both gradients of a
+// relu'd conv under batch norm and a max pool at once.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -658,6 +656,82 @@ void winograd_image(const Geometry& g, const Epilogue& e, bool relu, const float
   });
 }
 
+// What cnn_conv computes once per call, before its images: the kernel packed for the direct
+// loop ([taps][nv * 8]) or transformed for Winograd, the bias in nv * 8 lanes (b: nullptr for
+// none) and the taps' offsets.
+struct ConvPlan {
+  Geometry g;
+  int64_t nv;
+  bool wino;
+  std::vector<float> wp, bp;
+  std::vector<int64_t> off;
+
+  ConvPlan(const Geometry& geom, const float* w, const float* b)
+      : g(geom), nv((geom.O + 7) / 8), wino(winograd_fits(geom)), bp(nv * 8, 0.0f) {
+    if (wino) {
+      wp = winograd_kernel(w, g.C, g.O, nv * 8);
+    } else {
+      wp.resize(g.KH * g.KW * g.C * nv * 8);
+      pack_rows(wp.data(), w, g.KH * g.KW * g.C, g.O, nv * 8);
+      off = tap_offsets(g);
+    }
+    if (b) pack_rows(bp.data(), b, 1, g.O, nv * 8);
+  }
+  int64_t work_size() const { return wino ? winograd_scratch(g) : 0; }
+  // One image: xin padded as g says, y its output; sums: the image's ([2][nv * 8]) or nullptr.
+  void image(float* sums, bool relu, const float* xin, float* y, float* work) const {
+    const Epilogue e{bp.data(), sums};
+    if (wino && nv == 1)
+      winograd_image<1>(g, e, relu, xin, wp.data(), y, work);
+    else if (wino)
+      winograd_image<2>(g, e, relu, xin, wp.data(), y, work);
+    else
+      with_vectors(nv, [&](auto nv_c) {
+        conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), y);
+      });
+  }
+};
+
+// What cnn_conv_dw keeps per call: the taps' offsets and partial sums per fixed group of
+// kDwGroup images (dw, then db), added in a fixed order at the end: the result does not depend
+// on which thread took which group, nor on the number of threads.
+struct DwPlan {
+  Geometry g;
+  int64_t nv, dw_size, taps, groups;
+  std::vector<int64_t> off;
+  std::vector<float> part;
+
+  explicit DwPlan(const Geometry& geom)
+      : g(geom),
+        nv((geom.O + 7) / 8),
+        dw_size(geom.KH * geom.KW * geom.C * nv * 8),
+        taps(dw_size + std::max(nv * 8, geom.C)),
+        groups((geom.B + kDwGroup - 1) / kDwGroup),
+        off(tap_offsets(geom)),
+        part(groups * taps, 0.0f) {}
+  float* part_of(int64_t group) { return &part[group * taps]; }
+  float* db_part_of(int64_t group) { return part_of(group) + dw_size; }
+  // One image's sums into its group's: xin padded as g says, gp its gradient in nv * 8 lanes.
+  void image(const float* xin, const float* gp, float* part_g, float* db_part) const {
+    with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, off.data(), xin, gp, part_g, db_part); });
+  }
+  // The groups' sums, in group order: dw (KH, KW, C, O) and n_db values of db.
+  void finish(float* dw, float* db, int64_t n_db) const {
+    const int64_t nt = g.KH * g.KW * g.C;
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t o = 0; o < g.O; ++o) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < groups; ++k) s += part[k * taps + t * nv * 8 + o];
+        dw[t * g.O + o] = s;
+      }
+    for (int64_t o = 0; o < n_db; ++o) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < groups; ++k) s += part[k * taps + nt * nv * 8 + o];
+      db[o] = s;
+    }
+  }
+};
+
 // The mask source m must have x's shape when mask is set.
 bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
@@ -674,39 +748,12 @@ ffi::Error check_terms(ffi::Buffer<ffi::F32>& t, bool terms, bool mask, int64_t 
   return ffi::Error::Success();
 }
 
-// Checks the pool operands (pool_kh > 0): the mask source a is the full-size input (B, H, W, C),
-// x and the places at its pooled shape, coef (3 + B, C); returns the PoolGrad (else unused).
-ffi::Error check_pool(ffi::Span<const int64_t> ad, ffi::Buffer<ffi::F32>& x,
-                      ffi::Buffer<ffi::U8>& at, ffi::Buffer<ffi::F32>& coef, bool mask,
-                      bool terms, int64_t kh, int64_t kw, const char* what, PoolGrad& p) {
-  if (kh <= 0 && kw <= 0) return ffi::Error::Success();
-  auto xd = x.dimensions();
-  if (!mask || terms || kh <= 0 || kw <= 0 || ad.size() != 4 || ad[3] % 8 != 0 ||
-      xd.size() != 4 || xd[0] != ad[0] || xd[1] != ad[1] / kh || xd[2] != ad[2] / kw ||
-      xd[3] != ad[3] || !same_dims(at.dimensions(), xd) ||
-      int64_t(coef.element_count()) != (3 + ad[0]) * ad[3])
-    return ffi::Error::InvalidArgument(
-        std::string(what) +
-        ": a pool gradient needs the mask (its source: the pooled input, 8-32 channels), no"
-        " terms, the pooled gradient and places shaped (B, H / pool_kh, W / pool_kw, C) and"
-        " coefficients (3 + B, C)");
-  p = PoolGrad{x.typed_data(), at.typed_data(), coef.typed_data(), kh, kw, xd[1], xd[2]};
-  return ffi::Error::Success();
-}
-
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
-                    ffi::Buffer<ffi::U8> at, ffi::ResultBuffer<ffi::F32> y,
-                    ffi::ResultBuffer<ffi::F32> s, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                    bool relu, bool mask, bool stats, bool terms, int64_t pool_kh,
-                    int64_t pool_kw) {
-  PoolGrad pg{};
-  const bool pooled = pool_kh > 0 || pool_kw > 0;  // x is a pooled gradient; m has the shape
-  if (auto e = check_pool(m.dimensions(), x, at, t, mask, terms, pool_kh, pool_kw, "cnn_conv",
-                          pg);
-      e.failure())
-    return e;
-  auto xd = pooled ? m.dimensions() : x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> s, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr, bool relu, bool mask, bool stats,
+                    bool terms) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3])
     return ffi::Error::InvalidArgument("cnn_conv: expects NHWC x, HWIO w, NHWC y");
   if (int64_t(b.element_count()) != wd[3] || (mask && !same_dims(m.dimensions(), xd)))
@@ -720,19 +767,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (auto e = check_terms(t, terms, mask, g.B, g.C, "cnn_conv"); e.failure()) return e;
   const int64_t nv = (g.O + 7) / 8;
   if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv: at most 32 output channels");
-  const bool wino = winograd_fits(g);  // else the direct kernel, packed as [taps][nv * 8]
-  std::vector<float> wp, bp(nv * 8);
-  if (wino)
-    wp = winograd_kernel(w.typed_data(), g.C, g.O, nv * 8);
-  else {
-    wp.resize(g.KH * g.KW * g.C * nv * 8);
-    pack_rows(wp.data(), w.typed_data(), g.KH * g.KW * g.C, g.O, nv * 8);
-  }
-  pack_rows(bp.data(), b.typed_data(), 1, g.O, nv * 8);
+  const ConvPlan plan(g, w.typed_data(), b.typed_data());
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
-  const int64_t wsize = wino ? winograd_scratch(g) : 0;
+  const int64_t wsize = plan.work_size();
   std::vector<float> work(workers * wsize);
-  const std::vector<int64_t> off = tap_offsets(g);
   std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
   std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
   const float* xs = x.typed_data();
@@ -741,23 +779,13 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* ys = y->typed_data();
   const int64_t x_img = g.H * g.W * g.C;
   auto body = [&](int64_t i, int64_t worker) {
-    const float* xin =
-        pooled ? pool_grad_image(g, pg, ms + i * x_img, i, &scratch[worker * img])
-               : prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
-                                ts ? ts + i * 2 * g.C : nullptr,
-                                scratch.empty() ? nullptr : &scratch[worker * img]);
+    const float* xin = prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
+                                      ts ? ts + i * 2 * g.C : nullptr,
+                                      scratch.empty() ? nullptr : &scratch[worker * img]);
     float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
-    const Epilogue e{bp.data(), image_sums};
     float* yi = ys + i * g.Ho * g.Wo * g.O;
-    if (wino && nv == 1)
-      winograd_image<1>(g, e, relu, xin, wp.data(), yi, &work[worker * wsize]);
-    else if (wino)
-      winograd_image<2>(g, e, relu, xin, wp.data(), yi, &work[worker * wsize]);
-    else
-      with_vectors(nv, [&](auto nv_c) {
-        conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), yi);
-      });
+    plan.image(image_sums, relu, xin, yi, wsize ? &work[worker * wsize] : nullptr);
     if (stats) {  // per image, so the bits do not depend on the threads
       float* out = s->typed_data() + i * 2 * g.O;
       for (int k = 0; k < 2; ++k)
@@ -769,19 +797,11 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 }
 
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
-                      ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t, ffi::Buffer<ffi::U8> at,
+                      ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> t,
                       ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr, bool mask, bool bias, bool swap,
-                      bool terms, int64_t pool_kh, int64_t pool_kw) {
-  PoolGrad pg{};
-  const bool pooled = pool_kh > 0 || pool_kw > 0;  // gy is a pooled gradient; m has g's shape
-  if (pooled && swap)
-    return ffi::Error::InvalidArgument("cnn_conv_dw: a pool gradient cannot be swapped");
-  if (auto e = check_pool(m.dimensions(), gy, at, t, mask, terms, pool_kh, pool_kw,
-                          "cnn_conv_dw", pg);
-      e.failure())
-    return e;
-  auto xd = x.dimensions(), gd = pooled ? m.dimensions() : gy.dimensions(), wd = dw->dimensions();
+                      bool terms) {
+  auto xd = x.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[2] != xd[3] || gd[3] != wd[3])
     return ffi::Error::InvalidArgument("cnn_conv_dw: expects NHWC x and g, HWIO dw");
   if (int64_t(db->element_count()) != (swap ? wd[2] : wd[3]) ||
@@ -800,16 +820,10 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t nv = (g.O + 7) / 8;
   if (nv > 4) return ffi::Error::InvalidArgument("cnn_conv_dw: at most 32 output channels");
   const int64_t workers = workers_of(pool);
-  const int64_t dw_size = g.KH * g.KW * g.C * nv * 8;
-  const int64_t taps = dw_size + std::max(nv * 8, g.C);  // per group: dw, then db
+  DwPlan plan(g);
   const bool ragged = g.O % 8 != 0, copy_g = ragged || (mask && !swap);
   const bool copy_x = g.padded() || (mask && swap);
   const int64_t img = g.padded_image_size(), gimg = g.Ho * g.Wo * nv * 8;
-  // Partial sums per fixed group of images, added in a fixed order: the result does not
-  // depend on which thread took which group, nor on the number of threads.
-  const int64_t groups = (g.B + kDwGroup - 1) / kDwGroup;
-  std::vector<float> part(groups * taps, 0.0f);
-  const std::vector<int64_t> off = tap_offsets(g);
   std::vector<float> scratch(copy_x ? workers * img : 0);
   std::vector<float> gscratch(copy_g ? workers * gimg : 0);
   const float* xs = x.typed_data();
@@ -818,19 +832,13 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* ts = terms ? t.typed_data() : nullptr;
   const int64_t g_img = g.Ho * g.Wo * g.O, x_img = g.H * g.W * g.C;
   auto body = [&](int64_t group, int64_t worker) {
-    float* part_g = &part[group * taps];
+    float* part_g = plan.part_of(group);
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
       const float* xin = prepared_image(g, xs + b * x_img, swap && ms ? ms + b * x_img : nullptr,
                                         swap && ts ? ts + b * 2 * g.C : nullptr,
                                         copy_x ? &scratch[worker * img] : nullptr);
       const float* gp = gs + b * g_img;
-      if (pooled) {  // O is a multiple of 8: rows of Wo * O floats, as dw_image reads them
-        float* dst = &gscratch[worker * gimg];
-        for (int64_t i = 0; i < g.Ho; ++i)
-          pool_grad_row(dst + i * g.Wo * g.O, ms + b * g_img + i * g.Wo * g.O, i, g.Wo, g.O, pg,
-                        b);
-        gp = dst;
-      } else if (copy_g) {
+      if (copy_g) {
         float* dst = &gscratch[worker * gimg];
         if (ragged) std::fill(dst, dst + gimg, 0.0f);
         const float* mp = ms && !swap ? ms + b * g_img : nullptr;
@@ -845,31 +853,15 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         gp = dst;
       }
       // the bias gradient: g summed over the pixels in dw's loop; with swap, x summed so
-      float* db_part = bias ? part_g + dw_size : nullptr;
-      with_vectors(nv, [&](auto nv_c) {
-        dw_image<nv_c>(g, off.data(), xin, gp, part_g, swap ? nullptr : db_part);
-      });
+      float* db_part = bias ? plan.db_part_of(group) : nullptr;
+      plan.image(xin, gp, part_g, swap ? nullptr : db_part);
       if (bias && swap) add_rows(db_part, xin, g.Ho * g.Wo, g.C);
     }
   };
-  parallel_for(pool, groups, workers, body);
-  float* out = dw->typed_data();
-  const int64_t nt = g.KH * g.KW * g.C;
-  for (int64_t t = 0; t < nt; ++t)
-    for (int64_t o = 0; o < g.O; ++o) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < groups; ++k) s += part[k * taps + t * nv * 8 + o];
-      out[t * g.O + o] = s;
-    }
-  float* out_b = db->typed_data();
-  for (int64_t o = 0; o < int64_t(db->element_count()); ++o) {
-    float s = 0.0f;
-    for (int64_t k = 0; k < groups; ++k) s += part[k * taps + nt * nv * 8 + o];
-    out_b[o] = s;
-  }
+  parallel_for(pool, plan.groups, workers, body);
+  plan.finish(dw->typed_data(), db->typed_data(), int64_t(db->element_count()));
   return ffi::Error::Success();
 }
-
 
 // ---------------------------------------------------------------- batch norm, then max pool
 // Training's batch norm z = a * inv + shift (per channel) followed by a max pool over
@@ -901,7 +893,6 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
     return ffi::Error::InvalidArgument("cnn_bn_pool: pooled shape does not match the input");
   return ffi::Error::Success();
 }
-
 
 // The channels are NV vectors of 8 (C = 8 * NV): each window is a few vector operations.
 template <int NV>
@@ -1046,6 +1037,74 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
     });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
+  return ffi::Error::Success();
+}
+
+// cnn_conv_pool_grads: dx, dw and db of a = relu(conv(x, w) + b) under batch norm and a max
+// pool, from the pooled gradient: image by image, cnn_bn_pool_grad's gradient is made once
+// (PoolGrad), into scratch, where the input gradient (the direct or Winograd kernel with the
+// flipped kernel wf, HWOI) and the kernel gradient both read it. So that gradient is never
+// written, nor made or read twice. The same values as cnn_conv and cnn_conv_dw taking it.
+ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> wf, ffi::Buffer<ffi::F32> a,
+                             ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::U8> at,
+                             ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
+                             int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t kh,
+                             int64_t kw, bool bias) {
+  auto xd = x.dimensions(), fd = wf.dimensions(), ad = a.dimensions(), pd = gp.dimensions();
+  if (xd.size() != 4 || fd.size() != 4 || ad.size() != 4 || pd.size() != 4 || fd[3] != xd[3] ||
+      fd[2] != ad[3] || ad[0] != xd[0] || !same_dims(dx->dimensions(), xd) ||
+      int64_t(dw->element_count()) != fd[0] * fd[1] * fd[2] * fd[3] ||
+      int64_t(db->element_count()) != ad[3])
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pool_grads: expects NHWC x and a, the flipped kernel (KH, KW, O, C), dx shaped"
+        " as x, dw (KH, KW, C, O) and db (O,)");
+  if (kh < 1 || kw < 1 || ad[3] % 8 != 0 || ad[3] > 32 || xd[3] > 32 || pd[0] != ad[0] ||
+      pd[1] != ad[1] / kh || pd[2] != ad[2] / kw || pd[3] != ad[3] ||
+      !same_dims(at.dimensions(), pd) || int64_t(coef.element_count()) != (3 + ad[0]) * ad[3])
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pool_grads: expects 8, 16, 24 or 32 channels in a (at most 32 in x), the pooled"
+        " gradient and places shaped (B, H / kh, W / kw, C) of a, coefficients (3 + B, C)");
+  const int64_t B = xd[0], KH = fd[0], KW = fd[1], C = xd[3], O = ad[3];
+  const Geometry gf{B, xd[1], xd[2], C, KH, KW, O, ad[1], ad[2], pt, pl, xd[1] + pt + pb,
+                    xd[2] + pl + pr};  // the forward conv's (and its kernel gradient's)
+  if (gf.Ho != gf.Hp - KH + 1 || gf.Wo != gf.Wp - KW + 1 || pt >= KH || pb >= KH || pl >= KW ||
+      pr >= KW)
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pool_grads: a's shape does not match the geometry (pads at most k - 1)");
+  const int64_t fpt = KH - 1 - pt, fpl = KW - 1 - pl;  // the input gradient's: full padding
+  const Geometry gx{B, gf.Ho, gf.Wo, O, KH, KW, C, gf.H, gf.W, fpt, fpl,
+                    gf.Ho + fpt + KH - 1 - pb, gf.Wo + fpl + KW - 1 - pr};
+  const PoolGrad pg{gp.typed_data(), at.typed_data(), coef.typed_data(), kh, kw, pd[1], pd[2]};
+  const ConvPlan dx_plan(gx, wf.typed_data(), nullptr);
+  DwPlan dw_plan(gf);
+  const int64_t workers = workers_of(pool), gimg = gx.padded_image_size();
+  const int64_t ximg = gf.padded_image_size(), wsize = dx_plan.work_size();
+  const int64_t a_img = gf.Ho * gf.Wo * O, x_img = gf.H * gf.W * C;
+  std::vector<float> gscratch(workers * gimg), rows(gx.padded() ? workers * a_img : 0);
+  std::vector<float> xscratch(gf.padded() ? workers * ximg : 0), work(workers * wsize);
+  const float *xs = x.typed_data(), *as = a.typed_data();
+  float* dxs = dx->typed_data();
+  auto body = [&](int64_t group, int64_t worker) {
+    float* part_g = dw_plan.part_of(group);
+    for (int64_t b = group * kDwGroup; b < std::min(B, (group + 1) * kDwGroup); ++b) {
+      const float* g = pool_grad_image(gx, pg, as + b * a_img, b, &gscratch[worker * gimg]);
+      dx_plan.image(nullptr, false, g, dxs + b * x_img, wsize ? &work[worker * wsize] : nullptr);
+      if (gx.padded()) {  // the kernel gradient reads rows of Wo * O floats
+        float* dst = &rows[worker * a_img];
+        for (int64_t i = 0; i < gf.Ho; ++i)
+          std::memcpy(dst + i * gf.Wo * O, g + ((i + fpt) * gx.Wp + fpl) * O,
+                      sizeof(float) * gf.Wo * O);
+        g = dst;
+      }
+      const float* xin = prepared_image(gf, xs + b * x_img, nullptr, nullptr,
+                                        gf.padded() ? &xscratch[worker * ximg] : nullptr);
+      dw_plan.image(xin, g, part_g, bias ? dw_plan.db_part_of(group) : nullptr);
+    }
+  };
+  parallel_for(pool, dw_plan.groups, workers, body);
+  dw_plan.finish(dw->typed_data(), db->typed_data(), O);
   return ffi::Error::Success();
 }
 
@@ -1277,8 +1336,7 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
       .Attr<int64_t>("pad_left")   \
       .Attr<int64_t>("pad_right")
 
-// x, w, bias, mask source, terms (or pool coefficients), places -> y, per-image sums of y and
-// y^2 (B, 2, O; with stats)
+// x, w, bias, mask source, terms -> y, per-image sums of y and y^2 (B, 2, O; with stats)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1287,16 +1345,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("relu")
                                   .Attr<bool>("mask")
                                   .Attr<bool>("stats")
-                                  .Attr<bool>("terms")
-                                  .Attr<int64_t>("pool_kh")
-                                  .Attr<int64_t>("pool_kw"));
-// x, g, mask source, terms (or pool coefficients), places -> dw, db (zeros unless bias)
+                                  .Attr<bool>("terms"));
+// x, g, mask source, terms -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1304,15 +1359,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
                                   .Attr<bool>("mask")
                                   .Attr<bool>("bias")
                                   .Attr<bool>("swap")
-                                  .Attr<bool>("terms")
-                                  .Attr<int64_t>("pool_kh")
-                                  .Attr<int64_t>("pool_kw"));
+                                  .Attr<bool>("terms"));
 
 // a, inv, shift -> pooled, place of each window's maximum
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
@@ -1350,6 +1402,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw"));
+
+// x, flipped kernel, a, pooled gradient, places, coefficients -> dx, dw, db (zeros unless bias)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPoolGrads, ConvPoolGradsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<bool>("bias"));
 
 // g, mu, nu, bias corrections -> update, mu, nu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnAdam, AdamImpl,
