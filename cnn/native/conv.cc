@@ -705,7 +705,7 @@ struct DwPlan {
       : g(geom),
         nv((geom.O + 7) / 8),
         dw_size(geom.KH * geom.KW * geom.C * nv * 8),
-        taps(dw_size + std::max(nv * 8, geom.C)),
+        taps(dw_size + (std::max(nv * 8, geom.C) + 7) / 8 * 8),  // db: whole vectors
         groups((geom.B + kDwGroup - 1) / kDwGroup),
         off(tap_offsets(geom)),
         part(groups * taps, 0.0f) {}
@@ -715,20 +715,29 @@ struct DwPlan {
   void image(const float* xin, const float* gp, float* part_g, float* db_part) const {
     with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, off.data(), xin, gp, part_g, db_part); });
   }
-  // The groups' sums, in group order: dw (KH, KW, C, O) and n_db values of db.
+  // The groups' sums, in group order: dw (KH, KW, C, O) and n_db values of db. Each output's
+  // sum runs over the groups in order, 8 outputs side by side in a vector's lanes.
   void finish(float* dw, float* db, int64_t n_db) const {
     const int64_t nt = g.KH * g.KW * g.C;
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t o = 0; o < g.O; ++o) {
-        float s = 0.0f;
-        for (int64_t k = 0; k < groups; ++k) s += part[k * taps + t * nv * 8 + o];
-        dw[t * g.O + o] = s;
-      }
-    for (int64_t o = 0; o < n_db; ++o) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < groups; ++k) s += part[k * taps + nt * nv * 8 + o];
-      db[o] = s;
+    float sum[32];  // one tap's nv * 8 lanes
+    for (int64_t t = 0; t < nt; ++t) {
+      sum_groups(t * nv * 8, nv, sum);
+      std::memcpy(dw + t * g.O, sum, sizeof(float) * g.O);
     }
+    for (int64_t o = 0; o < n_db; o += 8) {
+      sum_groups(nt * nv * 8 + o, 1, sum);
+      std::memcpy(db + o, sum, sizeof(float) * std::min<int64_t>(8, n_db - o));
+    }
+  }
+  // sum[0 .. n * 8) = the groups' part[at ..] added in group order, lane by lane.
+  void sum_groups(int64_t at, int64_t n, float* sum) const {
+    with_vectors(n, [&](auto n_c) {
+      constexpr int N = decltype(n_c)::value;
+      v8 acc[N] = {};
+      for (int64_t k = 0; k < groups; ++k)
+        for (int v = 0; v < N; ++v) acc[v] += load8(&part[k * taps + at + 8 * v]);
+      for (int v = 0; v < N; ++v) *reinterpret_cast<v8u*>(sum + 8 * v) = acc[v];
+    });
   }
 };
 
