@@ -79,6 +79,51 @@ def _check_fits(layer: str, x: Array, k_eff: tuple[int, int], pads: Pads, what: 
         )
 
 
+def _conv_plan(x_BHWC, w_HWIO, b_O, stride, padding, dilation, groups, impl):
+    """conv2d's checks and choice of lowering: (impl, stride, dilation, pads, out_hw, dense),
+    dense when impl "native" runs `native.dense`. Raises naming the limits of a named impl."""
+    st, dil = pair(stride, "stride"), pair(dilation, "dilation")
+    kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
+    in_hw = (int(x_BHWC.shape[1]), int(x_BHWC.shape[2])) if x_BHWC.ndim == 4 else (0, 0)
+    pads = resolve_padding(padding, in_hw, kernel, st, dil)
+    _check_conv(x_BHWC, w_HWIO, b_O, groups, effective_kernel(kernel, dil), pads)
+    out_hw = output_hw(in_hw, kernel, st, pads, dil)
+    c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
+    if impl == "auto":
+        impl = choose_conv_impl(
+            in_hw, kernel, st, pads, dil, out_hw, channels=c_io, groups=groups, dtype=x_BHWC.dtype
+        )
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
+    if impl == "pointwise" and kernel != (1, 1):
+        raise ValueError(f"conv2d: impl='pointwise' needs a 1x1 kernel, got {kernel}")
+    if impl == "direct" and (st != (1, 1) or groups != 1):
+        raise ValueError(
+            f"conv2d: impl='direct' needs stride 1 and groups=1, got stride {st}, groups={groups}"
+        )
+    if impl == "dense" and out_hw != (1, 1):
+        raise ValueError(
+            f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
+            f" got output {out_hw}"
+        )
+    dense = impl == "native" and native.supports_dense(
+        kernel, in_hw, c_io[1], dil, groups, pads, x_BHWC.dtype
+    )
+    if (
+        impl == "native"
+        and not dense
+        and not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype)
+    ):
+        raise ValueError(
+            f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
+            f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1 (or a"
+            f" kernel that covers the unpadded input, with at most {native.MAX_CHANNELS} out);"
+            f" got {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels"
+            f" {c_io}, padding {pads}, kernel {kernel}"
+        )
+    return impl, st, dil, pads, out_hw, dense
+
+
 def _check_conv(x: Array, w: Array, b: Array | None, groups: int, k_eff, pads: Pads) -> None:
     chex.assert_rank(
         x, 4, custom_message=f"conv2d: input x must be NHWC (rank 4), got shape {tuple(x.shape)}"
@@ -146,45 +191,9 @@ def conv2d(
     kernels with an even output and 4-16 channels run Winograd F(2x2, 3x3): equal up to
     float32 rounding (an inf in x can come out as NaN, from inf - inf in a transform).
     """
-    st, dil = pair(stride, "stride"), pair(dilation, "dilation")
-    kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
-    in_hw = (int(x_BHWC.shape[1]), int(x_BHWC.shape[2])) if x_BHWC.ndim == 4 else (0, 0)
-    pads = resolve_padding(padding, in_hw, kernel, st, dil)
-    _check_conv(x_BHWC, w_HWIO, b_O, groups, effective_kernel(kernel, dil), pads)
-    out_hw = output_hw(in_hw, kernel, st, pads, dil)
-    c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
-    if impl == "auto":
-        impl = choose_conv_impl(
-            in_hw, kernel, st, pads, dil, out_hw, channels=c_io, groups=groups, dtype=x_BHWC.dtype
-        )
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv2d: unknown impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
-    if impl == "pointwise" and kernel != (1, 1):
-        raise ValueError(f"conv2d: impl='pointwise' needs a 1x1 kernel, got {kernel}")
-    if impl == "direct" and (st != (1, 1) or groups != 1):
-        raise ValueError(
-            f"conv2d: impl='direct' needs stride 1 and groups=1, got stride {st}, groups={groups}"
-        )
-    if impl == "dense" and out_hw != (1, 1):
-        raise ValueError(
-            f"conv2d: impl='dense' needs a kernel that covers the padded input (1x1 output),"
-            f" got output {out_hw}"
-        )
-    dense = impl == "native" and native.supports_dense(
-        kernel, in_hw, c_io[1], dil, groups, pads, x_BHWC.dtype
+    impl, st, dil, pads, out_hw, dense = _conv_plan(
+        x_BHWC, w_HWIO, b_O, stride, padding, dilation, groups, impl
     )
-    if (
-        impl == "native"
-        and not dense
-        and not native.supports(kernel, *c_io, st, dil, groups, pads, x_BHWC.dtype)
-    ):
-        raise ValueError(
-            f"conv2d: impl='native' needs float32, stride 1, no dilation, groups=1, at most"
-            f" {native.MAX_CHANNELS} channels in and out and padding of at most k - 1 (or a"
-            f" kernel that covers the unpadded input, with at most {native.MAX_CHANNELS} out);"
-            f" got {x_BHWC.dtype}, stride {st}, dilation {dil}, groups={groups}, channels"
-            f" {c_io}, padding {pads}, kernel {kernel}"
-        )
     act = None if activation is None else activations.get(activation)
     if impl == "native" and not dense and (act is None or activation == "relu"):
         return native.conv(x_BHWC, w_HWIO, pads, b_O, relu=act is not None, stats=stats)
@@ -649,24 +658,15 @@ def conv2d_batch_norm_max_pool(
     never written. The same bits as the layers one after another, which every other case runs.
     """
     win = pair(window, "window")
-    kernel = (int(w_HWIO.shape[0]), int(w_HWIO.shape[1])) if w_HWIO.ndim == 4 else (1, 1)
-    in_hw = (int(x_BHWC.shape[1]), int(x_BHWC.shape[2])) if x_BHWC.ndim == 4 else (0, 0)
-    pads = resolve_padding(padding, in_hw, kernel, (1, 1), (1, 1))
-    out_hw = output_hw(in_hw, kernel, (1, 1), pads, (1, 1))
-    fused = train and impl in ("auto", "native") and x_BHWC.ndim == 4 and w_HWIO.ndim == 4
-    if fused:
-        c_io = (int(x_BHWC.shape[3]), int(w_HWIO.shape[3]))
-        chosen = impl
-        if impl == "auto":
-            chosen = choose_conv_impl(in_hw, kernel, (1, 1), pads, (1, 1), out_hw, channels=c_io)
-        y_shape = (x_BHWC.shape[0], *out_hw, c_io[1])
-        fused = (
-            chosen == "native"
-            and native.available()
-            and not native.supports_dense(kernel, in_hw, c_io[1], (1, 1), 1, pads, x_BHWC.dtype)
-            and native.supports(kernel, *c_io, (1, 1), (1, 1), 1, pads, x_BHWC.dtype)
-            and native.supports_bn_max_pool(y_shape, win, x_BHWC.dtype)
-        )
+    chosen, _, _, pads, out_hw, dense = _conv_plan(x_BHWC, w_HWIO, b_O, 1, padding, 1, 1, impl)
+    y_shape = (x_BHWC.shape[0], *out_hw, w_HWIO.shape[3])
+    fused = (
+        train
+        and chosen == "native"
+        and not dense
+        and native.available()
+        and native.supports_bn_max_pool(y_shape, win, x_BHWC.dtype)
+    )
     if not fused:
         y_BHWO, sums_B2C = conv2d(
             x_BHWC, w_HWIO, b_O, padding=padding, impl=impl, activation="relu", stats=True
@@ -675,9 +675,8 @@ def conv2d_batch_norm_max_pool(
             y_BHWO, scale_C, bias_C, mean_C, var_C, win, train=train, momentum=momentum,
             eps=eps, mask_B=mask_B, sums_B2C=sums_B2C,
         )  # fmt: skip
-    _check_conv(x_BHWC, w_HWIO, b_O, 1, kernel, pads)
-    y_shape = jax.ShapeDtypeStruct((x_BHWC.shape[0], *out_hw, w_HWIO.shape[3]), x_BHWC.dtype)
-    _check_bn("conv2d_batch_norm_max_pool", y_shape, scale_C, bias_C, mean_C, var_C, mask_B, None)
+    y_spec = jax.ShapeDtypeStruct(y_shape, x_BHWC.dtype)
+    _check_bn("conv2d_batch_norm_max_pool", y_spec, scale_C, bias_C, mean_C, var_C, mask_B, None)
     y, mean, var = _conv_bn_pool_train(
         x_BHWC, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, float(eps)
     )
@@ -827,8 +826,9 @@ def _bn_pool_train(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     return _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps)[0]
 
 
-def _bn_pool_backward(win, eps, res, cotangents):
-    del eps
+def _bn_pool_grad_terms(win, res, cotangents):
+    """From the pooled gradient: (inv, c1, c2, w_B), the terms of batch norm's input gradient
+    (`native.bn_max_pool_grad`), and the gradients in scale and bias."""
     x, at, scale_C, mask_B, mean, var_raw, r = res
     g_y, g_mean, g_var = cotangents
     w, count = _bn_weights(x, mask_B)
@@ -837,7 +837,14 @@ def _bn_pool_backward(win, eps, res, cotangents):
         d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
     )
     w_B = jnp.ones(x.shape[0], x.dtype) if w is None else w.reshape(-1)
-    d_x = native.bn_max_pool_grad(g_y, at, x, inv, c1, c2, w_B, win)
+    return (inv, c1, c2, w_B), d_scale, d_bias
+
+
+def _bn_pool_backward(win, eps, res, cotangents):
+    del eps
+    x, at, mask_B = res[0], res[1], res[3]
+    terms, d_scale, d_bias = _bn_pool_grad_terms(win, res, cotangents)
+    d_x = native.bn_max_pool_grad(cotangents[0], at, x, *terms, win)
     return d_x, d_scale, d_bias, _no_gradient(mask_B), None
 
 
@@ -858,15 +865,10 @@ def _conv_bn_pool_train(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps)
 
 def _conv_bn_pool_backward(pads, win, eps, res, cotangents):
     del eps
-    x, w_HWIO, b_O, (a, at, scale_C, mask_B, mean, var_raw, r) = res
-    g_y, g_mean, g_var = cotangents
-    w, count = _bn_weights(a, mask_B)
-    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, at, a, mean, win), axis=0)
-    inv, d_scale, c1, c2 = _bn_grad_terms(
-        d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
-    )
-    w_B = jnp.ones(a.shape[0], a.dtype) if w is None else w.reshape(-1)
-    dx, dw, db = native.conv_pool_grads(x, w_HWIO, b_O, pads, a, g_y, at, inv, c1, c2, w_B, win)
+    x, w_HWIO, b_O, bn_res = res
+    a, at, mask_B = bn_res[0], bn_res[1], bn_res[3]
+    terms, d_scale, d_bias = _bn_pool_grad_terms(win, bn_res, cotangents)
+    dx, dw, db = native.conv_pool_grads(x, w_HWIO, b_O, pads, a, cotangents[0], at, *terms, win)
     return dx, dw, db, d_scale, d_bias, _no_gradient(mask_B)
 
 

@@ -288,9 +288,8 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
             )
     a_BHWO = y_BHWO if relu else None  # the relu's output, whose > 0 is its derivative
     full = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-    w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
     dx_BHWC, _ = _forward(
-        g_BHWO, w_flip_HWOI, jnp.zeros(c, jnp.float32), full, False, a_BHWO, terms_B2C=terms_B2O
+        g_BHWO, _flip(w_HWIO), jnp.zeros(c, jnp.float32), full, False, a_BHWO, terms_B2C=terms_B2O
     )
     m = g_BHWO if a_BHWO is None else a_BHWO
     # the kernel sums the bias gradient from the masked g it reads; without a relu, XLA's sum,
@@ -316,6 +315,12 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+
+
+def _flip(w_HWIO: Array) -> Array:
+    """The kernel whose convolution of a conv's output gradient (fully padded) is its input
+    gradient: flipped in space, in and out swapped (HWOI)."""
+    return jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
 
 
 def _swap_dw(kernel, pads: Pads, c: int, o: int) -> bool:
@@ -364,22 +369,21 @@ def conv_pool_grads(
     that gradient image by image, from the pooled g (B, P, Q, O), where the input and kernel
     gradients both read it, instead of it being written and read back (O: 8, 16, 24 or 32)."""
     require()
-    kh, kw, c, o = w_HWIO.shape
-    b = a_BHWO.shape[0]
-    coef = jnp.concatenate([jnp.stack([inv_O, c1_O, c2_O]), jnp.broadcast_to(w_B[:, None], (b, o))])
     out = (
         jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
         jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32),
-        jax.ShapeDtypeStruct((o,), jnp.float32),
+        jax.ShapeDtypeStruct(w_HWIO.shape[3:], jnp.float32),
     )
-    w_flip_HWOI = jnp.flip(w_HWIO, (0, 1)).transpose(0, 1, 3, 2)
     dx, dw, db = jax.ffi.ffi_call("cnn_conv_pool_grads", out, vmap_method="sequential")(
         x_BHWC,
-        w_flip_HWOI,
+        _flip(w_HWIO),
         a_BHWO,
         g_BPQO,
         at_BPQO,
-        coef,
+        inv_O,
+        c1_O,
+        c2_O,
+        w_B,
         **_pad_attrs(pads),
         **_window(win),
         bias=b_O is not None,
@@ -388,7 +392,7 @@ def conv_pool_grads(
 
 
 def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Array:
-    """(gz * inv + c1 + x * c2) * w[b] everywhere in x, gz the pooled gradient at each
+    """(c1 + x * c2) * w[b] + gz * inv everywhere in x, gz the pooled gradient at each
     maximum's place and 0 elsewhere: batch norm's input gradient under a max pool."""
     require()
     out = jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32)

@@ -477,9 +477,10 @@ def test_pool_gradients_refuse_operands_that_do_not_match():
     """One error naming what cnn_conv_pool_grads expects, for each kind of mismatch."""
     x = _rand(45, (2, 8, 8, 4))
 
-    def call(o=8, wf_o=None, coef_rows=5, at_rows=3, rows=6):
+    def call(o=8, wf_o=None, c2_n=None, w_n=2, at_rows=3, rows=6):
         a, g = np.abs(_rand(46, (2, rows, 6, o))), _rand(47, (2, 3, 3, o))
-        at, coef = np.zeros((2, at_rows, 3, o), np.uint8), _rand(48, (coef_rows, o))
+        at, inv, c1 = np.zeros((2, at_rows, 3, o), np.uint8), _rand(48, (o,)), _rand(50, (o,))
+        c2, w_B = _rand(51, (c2_n or o,)), np.ones(w_n, np.float32)
         wf = _rand(49, (3, 3, wf_o or o, 4))
         out = (
             jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -488,14 +489,16 @@ def test_pool_gradients_refuse_operands_that_do_not_match():
         )
         attrs = dict(**native._pad_attrs(((0, 0), (0, 0))), **native._window((2, 2)), bias=True)
         return jax.ffi.ffi_call("cnn_conv_pool_grads", out, vmap_method="sequential")(
-            x, wf, a, g, at, coef, **attrs
+            x, wf, a, g, at, inv, c1, c2, w_B, **attrs
         )
 
     assert [r.shape for r in call()] == [(2, 8, 8, 4), (3, 3, 4, 8), (8,)]
     with pytest.raises(Exception, match=r"the flipped kernel \(KH, KW, O, C\)"):
         call(wf_o=7)
-    with pytest.raises(Exception, match=r"coefficients \(3 \+ B, C\)"):
-        call(coef_rows=4)
+    with pytest.raises(Exception, match=r"inv, c1 and c2 \(C,\), w \(B,\)"):
+        call(c2_n=7)
+    with pytest.raises(Exception, match=r"inv, c1 and c2 \(C,\), w \(B,\)"):
+        call(w_n=3)
     with pytest.raises(Exception, match="places shaped"):
         call(at_rows=2)
     with pytest.raises(Exception, match="8, 16, 24 or 32 channels"):

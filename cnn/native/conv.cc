@@ -198,31 +198,31 @@ inline void zero_border(const Geometry& g, float* scratch) {
   }
 }
 
-// The gradient a relu'd conv output a receives from batch norm, then a max pool over
-// non-overlapping kh x kw windows, as cnn_bn_pool_grad writes it (d), made where it is read
-// instead: d = (c1 + a * c2) * w[b], plus gp * inv at the place `at` of each window's maximum;
-// then 0 where a <= 0 (the relu). gp and at are (B, Hq, Wq, C); coef holds inv, c1, c2, then
-// w[b] for each image b, each a row of C values.
+// Batch norm's input gradient under a max pool over non-overlapping kh x kw windows (a: the
+// normalized input, C channels): d = (c1 + a * c2) * w[b], plus gp * inv at the place `at` of
+// each window's maximum; gp and at are (B, Hq, Wq, C), inv, c1 and c2 (C,), w (B,).
+// cnn_bn_pool_grad writes d; cnn_conv_pool_grads makes it, 0 where a <= 0 (a relu's output),
+// where its kernels read it.
 struct PoolGrad {
   const float* gp;
   const uint8_t* at;
-  const float* coef;
+  const float *inv, *c1, *c2, *w;
   int64_t kh, kw, Hq, Wq;
 };
 
-// Row i of image b's pool gradient, W pixels of C = NV * 8 channels: dst = masked d. Window by
+// Row i of image b's d, W pixels of C = NV * 8 channels; with RELU, 0 where a <= 0. Window by
 // window, place by place (no divisions per pixel), the coefficients held in registers.
-template <int NV>
+template <int NV, bool RELU>
 inline void pool_grad_row(float* dst, const float* a, int64_t i, int64_t W, const PoolGrad& p,
                           int64_t b) {
   constexpr int64_t C = NV * 8;
   v8 iv[NV], k1[NV], k2[NV];
   for (int v = 0; v < NV; ++v) {
-    iv[v] = load8(p.coef + 8 * v);
-    k1[v] = load8(p.coef + C + 8 * v);
-    k2[v] = load8(p.coef + 2 * C + 8 * v);
+    iv[v] = load8(p.inv + 8 * v);
+    k1[v] = load8(p.c1 + 8 * v);
+    k2[v] = load8(p.c2 + 8 * v);
   }
-  const float w = p.coef[(3 + b) * C];
+  const float w = p.w[b];
   const int64_t windows = i < p.Hq * p.kh ? p.Wq : 0, q = (b * p.Hq + i / p.kh) * p.Wq * C;
   const float* gq = p.gp + q;
   const uint8_t* atq = p.at + q;
@@ -240,30 +240,33 @@ inline void pool_grad_row(float* dst, const float* a, int64_t i, int64_t W, cons
         const v8 av = load8(a + 8 * v);
         v8 d = (k1[v] + av * k2[v]) * w;
         d = d + (at[v] == k ? gz[v] : v8{});
-        *reinterpret_cast<v8u*>(dst + 8 * v) = av > 0.0f ? d : v8{};
+        *reinterpret_cast<v8u*>(dst + 8 * v) = !RELU || av > 0.0f ? d : v8{};
       }
   }
   for (; j < W; ++j, dst += C, a += C)  // past the last window: no pooled gradient
     for (int v = 0; v < NV; ++v) {
       const v8 av = load8(a + 8 * v), d = (k1[v] + av * k2[v]) * w;
-      *reinterpret_cast<v8u*>(dst + 8 * v) = av > 0.0f ? d : v8{};
+      *reinterpret_cast<v8u*>(dst + 8 * v) = !RELU || av > 0.0f ? d : v8{};
     }
 }
 
-// Row i of image b's pool gradient, W pixels of C channels (8-32): dst = masked d.
+// Row i of image b's d, W pixels of C channels (8-32); with relu, 0 where a <= 0.
 inline void pool_grad_row(float* dst, const float* a, int64_t i, int64_t W, int64_t C,
-                          const PoolGrad& p, int64_t b) {
-  with_vectors(C / 8, [&](auto nv) { pool_grad_row<nv>(dst, a, i, W, p, b); });
+                          const PoolGrad& p, int64_t b, bool relu) {
+  with_vectors(C / 8, [&](auto nv) {
+    if (relu) return pool_grad_row<nv, true>(dst, a, i, W, p, b);
+    pool_grad_row<nv, false>(dst, a, i, W, p, b);
+  });
 }
 
-// Image b's pool gradient (its relu'd conv output a: H x W x C) into scratch, zero-padded as g
-// says; the input cnn_conv then reads.
+// Image b's d, a being a relu's output (H x W x C), 0 where a <= 0, into scratch zero-padded
+// as g says: what the input gradient in cnn_conv_pool_grads reads.
 const float* pool_grad_image(const Geometry& g, const PoolGrad& p, const float* a, int64_t b,
                              float* scratch) {
   zero_border(g, scratch);
   for (int64_t i = 0; i < g.H; ++i)
     pool_grad_row(scratch + ((i + g.pt) * g.Wp + g.pl) * g.C, a + i * g.W * g.C, i, g.W, g.C,
-                  p, b);
+                  p, b, true);
   return scratch;
 }
 
@@ -879,8 +882,9 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 //                    lax.reduce_window's derivative takes it); idx = its place in the window.
 // cnn_bn_pool_sums:  per image and channel, sum g and sum g * (a - mean) at those places:
 //                    batch norm's two reductions of its output gradient, which is zero elsewhere.
-// cnn_bn_pool_grad:  d = (gz * inv + c1 + a * c2) * w[b], gz = g at the place, 0 elsewhere:
-//                    batch norm's input gradient, with c1 and c2 computed from the sums.
+// cnn_bn_pool_grad:  d = (c1 + a * c2) * w[b] + gz * inv, gz = g at the place, 0 elsewhere:
+//                    batch norm's input gradient, with c1 and c2 computed from the sums
+//                    (PoolGrad, pool_grad_row).
 struct PoolGeometry {
   int64_t B, H, W, C, KH, KW, Ho, Wo;
   int64_t window(int64_t i, int64_t j) const { return (i * KH * W + j * KW) * C; }
@@ -955,30 +959,6 @@ void bn_pool_sums_image(const PoolGeometry& g, const int64_t* off, const float* 
   }
 }
 
-template <int NV>
-void bn_pool_grad_image(const PoolGeometry& g, const int64_t* off, const float* gb,
-                        const uint8_t* ib, const float* ab, const float* iv, const float* k1,
-                        const float* k2, float w, float* db) {
-  const int64_t C = g.C, K = g.KH * g.KW;
-  for (int64_t t = 0; t < g.H * g.W * C; t += C)  // every place, in a window or not
-    for (int v = 0; v < NV; ++v)
-      *reinterpret_cast<v8u*>(db + t + 8 * v) =
-          (load8(k1 + 8 * v) + load8(ab + t + 8 * v) * load8(k2 + 8 * v)) * w;
-  for (int64_t i = 0; i < g.Ho; ++i)  // then each window's pooled gradient, at its place
-    for (int64_t j = 0; j < g.Wo; ++j) {
-      float* dw = db + g.window(i, j);
-      const int64_t o = (i * g.Wo + j) * C;
-      for (int v = 0; v < NV; ++v) {
-        const v8i at = load_places(ib + o + 8 * v);
-        const v8 gz = load8(gb + o + 8 * v) * load8(iv + 8 * v);
-        for (int64_t k = 0; k < K; ++k) {
-          float* dk = dw + off[k] + 8 * v;
-          *reinterpret_cast<v8u*>(dk) = load8(dk) + (at == int32_t(k) ? gz : v8{});
-        }
-      }
-    }
-}
-
 ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> inv,
                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> p,
                       ffi::ResultBuffer<ffi::U8> idx, int64_t kh, int64_t kw) {
@@ -1031,19 +1011,14 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
   if (auto e = pool_geometry(a.dimensions(), gp.dimensions(), kh, kw, g); e.failure()) return e;
   if (!same_dims(d->dimensions(), a.dimensions()) || int64_t(wb.element_count()) != g.B)
     return ffi::Error::InvalidArgument("cnn_bn_pool_grad: expects d shaped as a, w as (B,)");
-  const std::vector<int64_t> off = g.places();
-  const float *gs = gp.typed_data(), *as = a.typed_data(), *iv = inv.typed_data();
-  const float *k1 = c1.typed_data(), *k2 = c2.typed_data(), *ws = wb.typed_data();
-  const uint8_t* is = idx.typed_data();
+  const PoolGrad pg{gp.typed_data(), idx.typed_data(), inv.typed_data(), c1.typed_data(),
+                    c2.typed_data(), wb.typed_data(), kh, kw, g.Ho, g.Wo};
+  const float* as = a.typed_data();
   float* ds = d->typed_data();
-  const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
+  const int64_t row = g.W * g.C;
   auto body = [&](int64_t b, int64_t) {
-    const float *gb = gs + b * n_out, *ab = as + b * n_in;
-    const uint8_t* ib = is + b * n_out;
-    float* db = ds + b * n_in;
-    with_vectors(g.C / 8, [&](auto nv) {
-      bn_pool_grad_image<nv>(g, off.data(), gb, ib, ab, iv, k1, k2, ws[b], db);
-    });
+    for (int64_t i = 0; i < g.H; ++i)  // every place, in a window or not
+      pool_grad_row(ds + (b * g.H + i) * row, as + (b * g.H + i) * row, i, g.W, g.C, pg, b, false);
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
@@ -1057,7 +1032,9 @@ ffi::Error BnPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::B
 ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> wf, ffi::Buffer<ffi::F32> a,
                              ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::U8> at,
-                             ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx,
+                             ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> c1,
+                             ffi::Buffer<ffi::F32> c2, ffi::Buffer<ffi::F32> wb,
+                             ffi::ResultBuffer<ffi::F32> dx,
                              ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
                              int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t kh,
                              int64_t kw, bool bias) {
@@ -1071,10 +1048,12 @@ ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         " as x, dw (KH, KW, C, O) and db (O,)");
   if (kh < 1 || kw < 1 || ad[3] % 8 != 0 || ad[3] > 32 || xd[3] > 32 || pd[0] != ad[0] ||
       pd[1] != ad[1] / kh || pd[2] != ad[2] / kw || pd[3] != ad[3] ||
-      !same_dims(at.dimensions(), pd) || int64_t(coef.element_count()) != (3 + ad[0]) * ad[3])
+      !same_dims(at.dimensions(), pd) || int64_t(inv.element_count()) != ad[3] ||
+      int64_t(c1.element_count()) != ad[3] || int64_t(c2.element_count()) != ad[3] ||
+      int64_t(wb.element_count()) != ad[0])
     return ffi::Error::InvalidArgument(
         "cnn_conv_pool_grads: expects 8, 16, 24 or 32 channels in a (at most 32 in x), the pooled"
-        " gradient and places shaped (B, H / kh, W / kw, C) of a, coefficients (3 + B, C)");
+        " gradient and places shaped (B, H / kh, W / kw, C) of a, inv, c1 and c2 (C,), w (B,)");
   const int64_t B = xd[0], KH = fd[0], KW = fd[1], C = xd[3], O = ad[3];
   const Geometry gf{B, xd[1], xd[2], C, KH, KW, O, ad[1], ad[2], pt, pl, xd[1] + pt + pb,
                     xd[2] + pl + pr};  // the forward conv's (and its kernel gradient's)
@@ -1085,7 +1064,8 @@ ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t fpt = KH - 1 - pt, fpl = KW - 1 - pl;  // the input gradient's: full padding
   const Geometry gx{B, gf.Ho, gf.Wo, O, KH, KW, C, gf.H, gf.W, fpt, fpl,
                     gf.Ho + fpt + KH - 1 - pb, gf.Wo + fpl + KW - 1 - pr};
-  const PoolGrad pg{gp.typed_data(), at.typed_data(), coef.typed_data(), kh, kw, pd[1], pd[2]};
+  const PoolGrad pg{gp.typed_data(), at.typed_data(), inv.typed_data(), c1.typed_data(),
+                    c2.typed_data(), wb.typed_data(), kh, kw, pd[1], pd[2]};
   const ConvPlan dx_plan(gx, wf.typed_data(), nullptr);
   DwPlan dw_plan(gf);
   const int64_t workers = workers_of(pool), gimg = gx.padded_image_size();
@@ -1412,7 +1392,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw"));
 
-// x, flipped kernel, a, pooled gradient, places, coefficients -> dx, dw, db (zeros unless bias)
+// x, flipped kernel, a, pooled gradient, places, inv, c1, c2, row weights -> dx, dw, db (zeros
+// unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPoolGrads, ConvPoolGradsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1421,6 +1402,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPoolGrads, ConvPoolGradsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
