@@ -683,6 +683,55 @@ def conv2d_batch_norm_max_pool(
     return y, *_running_stats(mean_C, var_C, mean, var, momentum)
 
 
+def conv2d_relu_conv1x1(
+    x_BHWC: Array,
+    w_HWIO: Array,
+    b_O: Array | None,
+    w1x1_HWIO: Array,
+    b1x1_O: Array | None,
+    *,
+    padding: PaddingLike = "VALID",
+    impl: str = "auto",
+) -> Array:
+    """relu(conv2d(relu(conv2d(x, w, b, padding=padding)), w1x1, b1x1)): a conv, then a 1x1
+    conv (w1x1: (1, 1, O, N)), each relu'd. Stride 1, no dilation, groups 1.
+
+    Where conv2d would run `native.conv` for both and the conv has 8, 16, 24 or 32 outputs,
+    `native.conv_pw`: one call for both forward, the 1x1 reading the conv's output in cache,
+    and one for both kernels' gradients, whose gradient in that output is never written. The
+    same bits as the two layers one after another, which every other case runs.
+    """
+    chosen, _, _, pads, out_hw, dense = _conv_plan(x_BHWC, w_HWIO, b_O, 1, padding, 1, 1, impl)
+    c_mid = int(w_HWIO.shape[3])
+    if w1x1_HWIO.ndim != 4 or tuple(w1x1_HWIO.shape[:3]) != (1, 1, c_mid):
+        raise ValueError(
+            f"conv2d_relu_conv1x1: w1x1 must be a 1x1 HWIO kernel (1, 1, {c_mid}, N) taking the"
+            f" conv's {c_mid} outputs, got {tuple(w1x1_HWIO.shape)}"
+        )
+    c_out = int(w1x1_HWIO.shape[3])
+    if b1x1_O is not None and tuple(b1x1_O.shape) != (c_out,):
+        raise ValueError(
+            f"conv2d_relu_conv1x1: b1x1 must have shape ({c_out},), got {tuple(b1x1_O.shape)}"
+        )
+    no_pad, one = ((0, 0), (0, 0)), (1, 1)
+    chosen2 = impl
+    if impl == "auto":
+        chosen2 = choose_conv_impl(
+            out_hw, one, one, no_pad, one, out_hw, channels=(c_mid, c_out), dtype=x_BHWC.dtype
+        )
+    fused = (
+        chosen == chosen2 == "native"
+        and not dense
+        and not native.supports_dense(one, out_hw, c_out, one, 1, no_pad, x_BHWC.dtype)
+        and native.available()
+        and native.supports_conv_pw(x_BHWC.shape[3], c_mid, w1x1_HWIO.shape[3], x_BHWC.dtype)
+    )
+    if not fused:
+        a_BHWO = conv2d(x_BHWC, w_HWIO, b_O, padding=padding, impl=impl, activation="relu")
+        return conv2d(a_BHWO, w1x1_HWIO, b1x1_O, impl=impl, activation="relu")
+    return native.conv_pw(x_BHWC, w_HWIO, b_O, w1x1_HWIO, b1x1_O, pads)
+
+
 def _check_bn(where, x_BHWC, scale_C, bias_C, mean_C, var_C, mask_B, sums_B2C, stop=True):
     """Shape checks of batch norm's arguments; returns sums_B2C, its gradient path stopped
     unless stop=False."""

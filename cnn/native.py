@@ -13,7 +13,9 @@ a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass
 pools, and the backward pass needs only the pooled gradient. `conv_pool_grads` takes the
 gradients of a relu'd conv under them in one call, without `bn_max_pool_grad`'s full-size
 gradient ever being written: it is made image by image where the conv's input- and
-kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`).
+kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`). `conv_pw` is a relu'd
+conv followed by a relu'd 1x1 conv, one call each way (`layers.conv2d_relu_conv1x1`): the 1x1
+reads the conv's output in cache, and the gradient in it is never written.
 
 `dense(x_BK, w_KO)` is a kernel that covers its whole input as a matmul with few outputs (O <=
 32), forward and gradients; `adam_moments` is Adam's moment update for one array
@@ -56,6 +58,8 @@ _TARGETS = {
     "cnn_bn_pool_sums": "CnnBnPoolSums",
     "cnn_bn_pool_grad": "CnnBnPoolGrad",
     "cnn_conv_pool_grads": "CnnConvPoolGrads",
+    "cnn_conv_pw": "CnnConvPw",
+    "cnn_conv_pw_grads": "CnnConvPwGrads",
     "cnn_adam": "CnnAdam",
     "cnn_dense": "CnnDense",
     "cnn_dense_dx": "CnnDenseDx",
@@ -399,6 +403,71 @@ def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Ar
     return jax.ffi.ffi_call("cnn_bn_pool_grad", out, vmap_method="sequential")(
         g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, **_window(win)
     )
+
+
+# ------------------------------------------------------- a conv and relu, then a 1x1 and relu
+def supports_conv_pw(c_in: int, c_mid: int, c_out: int, dtype) -> bool:
+    """Whether `conv_pw` takes these channels: at most 32 in and out, 8, 16, 24 or 32 between."""
+    return (
+        1 <= c_in <= MAX_CHANNELS
+        and 1 <= c_out <= MAX_CHANNELS
+        and c_mid in (8, 16, 24, 32)
+        and jnp.dtype(dtype) == jnp.float32
+    )
+
+
+def conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads: Pads) -> Array:
+    """relu(conv(a, w_11MN) + b_N), a = relu(conv(x, w, pads) + b_M) with M channels
+    (`supports_conv_pw`): one call makes each image's a and, while it is in cache, the 1x1
+    conv of it; the backward pass makes the gradient in a image by image where the kernel
+    gradients (or x's, in a call of its own that XLA drops when x needs none) read it, never
+    written. The same values as `conv` taking the two layers one after another. A bias None:
+    none."""
+    require()
+    b_M = jnp.zeros(w_HWIM.shape[3], jnp.float32) if b_M is None else b_M
+    b_N = jnp.zeros(w_11MN.shape[3], jnp.float32) if b_N is None else b_N
+    return _conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads)[0]
+
+
+def _f32(shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads):
+    """(y, a)."""
+    b, h, w, _ = x_BHWC.shape
+    (pt, pb), (pl, pr) = pads
+    kh, kw, _, m = w_HWIM.shape
+    hw = (h + pt + pb - kh + 1, w + pl + pr - kw + 1)
+    out = (_f32((b, *hw, w_11MN.shape[3])), _f32((b, *hw, m)))
+    return jax.ffi.ffi_call("cnn_conv_pw", out, vmap_method="sequential")(
+        x_BHWC, w_HWIM, b_M, w_11MN, b_N, **_pad_attrs(pads)
+    )
+
+
+def _conv_pw_fwd(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads):
+    y_BHWN, a_BHWM = _conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads)
+    return (y_BHWN, a_BHWM), (x_BHWC, w_HWIM, w_11MN, y_BHWN, a_BHWM)
+
+
+def _conv_pw_bwd(pads, res, cotangents):
+    x_BHWC, w_HWIM, w_11MN, y_BHWN, a_BHWM = res
+    g_BHWN = cotangents[0]  # a is an output for this backward pass only: its cotangent is 0
+    m, n = w_11MN.shape[2:]
+    swap = n % 8 != 0  # the 1x1 kernel gradient's lanes on M (as _swap_dw: M % 8 == 0)
+    args = (x_BHWC, _flip(w_HWIM), _flip(w_11MN), y_BHWN, a_BHWM, g_BHWN)
+    call = functools.partial(jax.ffi.ffi_call, "cnn_conv_pw_grads", vmap_method="sequential")
+    attrs = {**_pad_attrs(pads), "swap": swap}
+    none = _f32((0,))
+    dx = call((_f32(x_BHWC.shape), none, none, none, none))(*args, **attrs, input_grad=True)[0]
+    dw2_shape = (1, 1, n, m) if swap else (1, 1, m, n)
+    out = (none, _f32(w_HWIM.shape), _f32((m,)), _f32(dw2_shape), _f32((n,)))
+    _, dw, db, dw2, db2 = call(out)(*args, **attrs, input_grad=False)
+    return dx, dw, db, dw2.transpose(0, 1, 3, 2) if swap else dw2, db2
+
+
+_conv_pw.defvjp(_conv_pw_fwd, _conv_pw_bwd)
 
 
 # ------------------------------------------------------------------------------------ dense

@@ -26,7 +26,8 @@ Shape = tuple[int, ...]
 class ConvCall(NamedTuple):
     """A Conv's input and parameters (batch norm folded in), for a later layer to run it: a
     BatchNorm with max_pool runs conv, relu, batch norm and pool as one
-    (`layers.conv2d_batch_norm_max_pool`)."""
+    (`layers.conv2d_batch_norm_max_pool`); a 1x1 Conv, conv, relu, 1x1 conv and relu
+    (`layers.conv2d_relu_conv1x1`)."""
 
     x_BHWC: Array
     w_HWIO: Array
@@ -52,7 +53,7 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x_BHWC: Array,
+        x_BHWC: Array | ConvCall,
         train: bool = False,
         activation: str | None = None,
         stats: bool = False,
@@ -63,12 +64,34 @@ class Conv(nn.Module):
         the batch norm after it, this way. in_affine=(inv_C, shift_C): convolve x * inv + shift
         instead of x, folded into the kernel and bias (`layers.fold_affine`: no padding, groups
         1); Sequential folds a batch norm before the conv this way. defer=True: return the
-        ConvCall, unrun (needs `runs_later()`)."""
+        ConvCall, unrun (needs `runs_later()`). x a ConvCall (this conv `pointwise()`, with
+        activation="relu"): relu(this conv of relu(that conv)), both run by
+        `layers.conv2d_relu_conv1x1`; Sequential does this for conv, relu, 1x1 conv, relu."""
         del train
         kh, kw = pair(self.kernel_size, "kernel_size")
-        if x_BHWC.ndim != 4:
+        first = x_BHWC if isinstance(x_BHWC, ConvCall) else None
+        if first is not None:
+            if (
+                not self.pointwise()
+                or first.impl != self.impl
+                or activation != "relu"
+                or stats
+                or in_affine is not None
+                or defer
+            ):
+                raise ValueError(
+                    f"Conv {self.name}: a ConvCall input needs this conv pointwise() (1x1, stride"
+                    f" 1, dilation 1, groups=1, no padding), the same impl as that conv's and"
+                    f" activation='relu', without stats, in_affine or defer; got kernel"
+                    f" {(kh, kw)}, stride {self.stride}, padding {self.padding!r}, impl"
+                    f" {self.impl!r} (that conv's {first.impl!r}), activation={activation!r},"
+                    f" stats={stats}, in_affine={in_affine is not None}, defer={defer}"
+                )
+            c_in = first.w_HWIO.shape[3]
+        elif x_BHWC.ndim != 4:
             raise ValueError(f"Conv {self.name}: input must be NHWC (rank 4), got {x_BHWC.shape}")
-        c_in = x_BHWC.shape[-1]
+        else:
+            c_in = x_BHWC.shape[-1]
         if c_in % self.groups:
             raise ValueError(
                 f"Conv {self.name}: groups={self.groups} must divide the input channels ({c_in})"
@@ -84,6 +107,10 @@ class Conv(nn.Module):
             if self.use_bias
             else None
         )
+        if first is not None:
+            return layers.conv2d_relu_conv1x1(
+                first.x_BHWC, first.w_HWIO, first.b_O, w, b, padding=first.padding, impl=self.impl
+            )
         if in_affine is not None:
             if not self.folds(x_BHWC.shape):
                 raise ValueError(
@@ -121,6 +148,12 @@ class Conv(nn.Module):
             and pair(self.dilation, "dilation") == (1, 1)
             and self.groups == 1
         )
+
+    def pointwise(self) -> bool:
+        """Whether this is a 1x1 conv that takes a ConvCall (`runs_later()`, no padding)."""
+        kernel = pair(self.kernel_size, "kernel_size")
+        pads = resolve_padding(self.padding, kernel, kernel, (1, 1), (1, 1))
+        return kernel == (1, 1) and self.runs_later() and pads == ((0, 0), (0, 0))
 
     def folds(self, in_shape: Shape) -> bool:
         """Whether an affine map of the input folds into this conv exactly (`in_affine`)."""
@@ -370,6 +403,10 @@ class Sequential(nn.Module):
                 call = layer(x, train=train, in_affine=affine, defer=True)
                 x = self.layers[i + 2](call, train, mask_B, max_pool=self.layers[i + 3].window)
                 skip, affine = 3, None  # the relu, batch norm and pool ran here
+            elif not return_features and self._conv_relu_conv1x1(i):
+                call = layer(x, train=train, in_affine=affine, defer=True)
+                x = self.layers[i + 2](call, train=train, activation="relu")
+                skip, affine = 3, None  # the relu, 1x1 conv and relu ran here
             elif isinstance(layer, BatchNorm):
                 nxt = self._layer(i + 1)
                 if not return_features and self.fold_batch_norms and self._folds(i, x.shape):
@@ -418,6 +455,21 @@ class Sequential(nn.Module):
             and isinstance(self._layer(i + 2), BatchNorm)
             and isinstance(pool, MaxPool)
             and pool.tiles()
+        )
+
+    def _conv_relu_conv1x1(self, i: int) -> bool:
+        """Conv, relu, a 1x1 Conv (the same impl), relu, and no BatchNorm next (it would take
+        the statistics of the 1x1's output as it is written): one call, whose 1x1 reads the
+        first conv's output in cache, and whose gradient there is never written."""
+        second = self._layer(i + 2)
+        return (
+            self._relu_follows_conv(i)
+            and self.layers[i].runs_later()
+            and isinstance(second, Conv)
+            and second.pointwise()
+            and second.impl == self.layers[i].impl
+            and self._relu_follows_conv(i + 2)
+            and not isinstance(self._layer(i + 4), BatchNorm)
         )
 
     def _relu_follows_conv(self, i: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import re
@@ -1165,6 +1166,71 @@ def test_conv2d_batch_norm_max_pool_runs_the_layers_where_it_cannot_fuse():
     with pytest.raises(ValueError, match="unknown impl 'fast'"):
         layers.conv2d_batch_norm_max_pool(x, w, None, ones, zeros, zeros, ones, 2, train=True,
                                           impl="fast")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "x_shape,k,c_mid,c_out,padding,bias",
+    [
+        ((4, 28, 28, 1), 3, 32, 10, "VALID", True),  # the eip net's first two layers
+        ((3, 9, 11, 4), 3, 16, 16, 1, False),  # Winograd, padded, the 1x1 gradient not swapped
+    ],
+)
+def test_conv2d_relu_conv1x1_equals_the_layers(x_shape, k, c_mid, c_out, padding, bias):
+    """Values and gradients in x, both kernels and both biases: the same bits as conv2d twice
+    (native), and lax's within float32 rounding; two native calls forward and backward."""
+    rng = np.random.default_rng(34)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(0.3 * rng.standard_normal((k, k, x_shape[3], c_mid)), jnp.float32)
+    w2 = jnp.asarray(0.3 * rng.standard_normal((1, 1, c_mid, c_out)), jnp.float32)
+    b, b2 = (
+        (jnp.asarray(0.1 * rng.standard_normal(n), jnp.float32) for n in (c_mid, c_out))
+        if bias
+        else (None, None)
+    )
+
+    def loss(fused, impl="auto"):
+        def f(x, w, b, w2, b2):
+            if fused:
+                y = layers.conv2d_relu_conv1x1(x, w, b, w2, b2, padding=padding)
+            else:
+                a = layers.conv2d(x, w, b, padding=padding, impl=impl, activation="relu")
+                y = layers.conv2d(a, w2, b2, impl=impl, activation="relu")
+            return jnp.sum(jnp.sin(y)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+    args = (x, w, b, w2, b2)
+    text = loss(True).lower(*args).as_text()
+    assert text.count("cnn_conv_pw_grads") == 2 and "cnn_conv_dw" not in text
+    got = loss(True)(*args)
+    chex.assert_trees_all_equal(got, loss(False)(*args))
+    want_all = jax.tree.leaves(loss(False, "xla")(*args))
+    for g, want in zip(jax.tree.leaves(got), want_all, strict=True):
+        scale = max(1.0, float(jnp.abs(want).max()))
+        np.testing.assert_allclose(g, want, rtol=3e-5, atol=3e-5 * scale)
+
+
+def test_conv2d_relu_conv1x1_runs_the_layers_where_it_cannot_fuse():
+    """Another lowering, channels between that the native call does not take (not 8, 16, 24 or
+    32), or a 1x1 whose output is 1x1 (a dense layer): conv2d twice, the same results; a
+    kernel that is not 1x1 by the conv's outputs is refused."""
+    rng = np.random.default_rng(35)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32)
+    for c_mid, impl, k in ((8, "im2col", 3), (12, "auto", 3), (8, "auto", 8)):
+        w = jnp.asarray(rng.standard_normal((k, k, 3, c_mid)), jnp.float32)
+        w2 = jnp.asarray(rng.standard_normal((1, 1, c_mid, 5)), jnp.float32)
+        f = functools.partial(layers.conv2d_relu_conv1x1, impl=impl)
+        text = jax.jit(f).lower(x, w, None, w2, None).as_text()
+        assert "cnn_conv_pw" not in text
+        a = layers.conv2d(x, w, impl=impl, activation="relu")
+        want = layers.conv2d(a, w2, impl=impl, activation="relu")
+        chex.assert_trees_all_equal(f(x, w, None, w2, None), want)
+    with pytest.raises(ValueError, match=r"w1x1 must be a 1x1 HWIO kernel \(1, 1, 8, N\)"):
+        layers.conv2d_relu_conv1x1(x, w, None, jnp.ones((1, 1, 7, 5)), None)
+    with pytest.raises(ValueError, match=r"b1x1 must have shape \(5,\)"):
+        layers.conv2d_relu_conv1x1(x, w, None, w2, jnp.ones(4))
+    with pytest.raises(ValueError, match="unknown impl 'fast'"):
+        layers.conv2d_relu_conv1x1(x, w, None, w2, None, impl="fast")
 
 
 # ------------------------------------------------------------------- batch norm as an affine map

@@ -505,3 +505,125 @@ def test_pool_gradients_refuse_operands_that_do_not_match():
         call(o=12)
     with pytest.raises(Exception, match="does not match the geometry"):
         call(rows=7)
+
+
+# (x shape, conv kernel, pads, 1x1 outputs): the eip net's layers (1 -> 32 -> 10, the 1x1
+# kernel gradient swapped), Winograd for the conv and its input gradient (4 -> 16, even
+# output), asymmetric pads and 16 outputs (not swapped), 8 between and a batch of 7 (groups of
+# 4 images and a rest), 24 between with a ragged 1 out.
+PW_CASES = [
+    ((6, 28, 28, 1), (3, 3), ((0, 0), (0, 0)), 10),
+    ((3, 10, 10, 4), (3, 3), ((0, 0), (0, 0)), 8),
+    ((5, 9, 11, 3), (3, 3), ((1, 1), (0, 2)), 16),
+    ((7, 8, 8, 16), (3, 3), ((1, 1), (1, 1)), 5),
+    ((2, 7, 6, 2), (2, 3), ((1, 0), (0, 2)), 1),
+]
+PW_MIDS = [32, 16, 16, 8, 24]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "x_shape,kernel,pads,c_out,c_mid",
+    [(*c, m) for c, m in zip(PW_CASES, PW_MIDS, strict=True)],
+    ids=lambda v: str(v),
+)
+def test_conv_pw_is_the_same_bits_as_the_two_convs(x_shape, kernel, pads, c_out, c_mid, bias):
+    """conv_pw (a conv, relu, a 1x1 conv, relu; one call each way) gives the values and the
+    gradients of native.conv taking the two layers one after another, bit for bit, and those
+    of lax within float32 rounding; x's gradient too (its own call)."""
+    x, w = _rand(60, x_shape), 0.3 * _rand(61, (*kernel, x_shape[3], c_mid))
+    w2 = 0.3 * _rand(62, (1, 1, c_mid, c_out))
+    b, b2 = (0.1 * _rand(63, (c_mid,)), 0.1 * _rand(64, (c_out,))) if bias else (None, None)
+    no_pad = ((0, 0), (0, 0))
+
+    def two_convs(x, w, b, w2, b2):
+        return native.conv(native.conv(x, w, pads, b, relu=True), w2, no_pad, b2, relu=True)
+
+    def with_lax(x, w, b, w2, b2):
+        a = jax.nn.relu(_lax_conv(x, w, pads) + (0.0 if b is None else b.reshape(1, 1, 1, -1)))
+        y = _lax_conv(a, w2, no_pad)
+        return jax.nn.relu(y + (0.0 if b2 is None else b2.reshape(1, 1, 1, -1)))
+
+    def fused(x, w, b, w2, b2):
+        return native.conv_pw(x, w, b, w2, b2, pads)
+
+    def outputs(f):
+        y, vjp = jax.vjp(f, x, w, b, w2, b2)
+        return (y, *vjp(_rand(65, y.shape)))
+
+    got = jax.jit(lambda: outputs(fused))()
+    want, lax_want = outputs(two_convs), outputs(with_lax)
+    names = ("y", "dx", "dw", "db", "dw2", "db2")
+    assert float(jnp.abs(got[1]).max()) > 0 and float(jnp.abs(got[4]).max()) > 0
+    for what, g, w_, l_ in zip(names, got, want, lax_want, strict=True):
+        if w_ is None:
+            assert g is None, what
+        else:
+            np.testing.assert_array_equal(g, w_, err_msg=what)
+            _assert_close(g, l_, what)
+
+
+def test_conv_pw_x_gradient_is_dropped_where_x_needs_none():
+    """Two backward calls: the kernels' and x's; XLA drops x's when only the kernels'
+    gradients are taken (as for a network's input)."""
+    x, w, w2 = _rand(66, (2, 8, 8, 1)), _rand(67, (3, 3, 1, 8)), _rand(68, (1, 1, 8, 3))
+    pads = ((0, 0), (0, 0))
+
+    def loss(w, w2, x):
+        return jnp.sum(native.conv_pw(x, w, None, w2, None, pads))
+
+    def calls(argnums):
+        hlo = jax.jit(jax.grad(loss, argnums)).lower(w, w2, x).compile().as_text()
+        return hlo.count('custom_call_target="cnn_conv_pw_grads"')
+
+    assert calls((0, 1)) == 1
+    assert calls((0, 1, 2)) == 2
+
+
+def test_conv_pw_refuses_operands_that_do_not_match():
+    """One error naming what cnn_conv_pw(_grads) expect, for each kind of mismatch."""
+    x = _rand(69, (2, 8, 8, 3))
+
+    def forward(m=8, w2_in=None, b2_n=4, pads=((0, 0), (0, 0))):
+        w, b = _rand(70, (3, 3, 3, m)), _rand(71, (m,))
+        w2, b2 = _rand(72, (1, 1, w2_in or m, 4)), _rand(73, (b2_n,))
+        ho, wo = 6 + sum(pads[0]), 6 + sum(pads[1])
+        out = (native._f32((2, ho, wo, 4)), native._f32((2, ho, wo, m)))
+        return jax.ffi.ffi_call("cnn_conv_pw", out, vmap_method="sequential")(
+            x, w, b, w2, b2, **native._pad_attrs(pads)
+        )
+
+    def grads(swap=True, input_grad=False, dw_n=None, y_rows=6, a_rows=6):
+        wf, w2t = _rand(74, (3, 3, 8, 3)), _rand(75, (1, 1, 4, 8))
+        y, g = np.abs(_rand(76, (2, y_rows, 6, 4))), _rand(77, (2, y_rows, 6, 4))
+        a = np.abs(_rand(78, (2, a_rows, 6, 8)))
+        none = native._f32((0,))
+        if input_grad:
+            out = (native._f32(x.shape), none, none, none, none)
+        else:
+            dw = native._f32((dw_n or 3 * 3 * 3 * 8,))
+            out = (none, dw, native._f32((8,)), native._f32((1, 1, 4, 8)), native._f32((4,)))
+        attrs = dict(**native._pad_attrs(((0, 0), (0, 0))), swap=swap, input_grad=input_grad)
+        return jax.ffi.ffi_call("cnn_conv_pw_grads", out, vmap_method="sequential")(
+            x, wf, w2t, y, a, g, **attrs
+        )
+
+    assert [r.shape for r in forward()] == [(2, 6, 6, 4), (2, 6, 6, 8)]
+    assert [r.shape for r in grads()] == [(0,), (216,), (8,), (1, 1, 4, 8), (4,)]
+    assert grads(input_grad=True)[0].shape == x.shape
+    with pytest.raises(Exception, match="8, 16, 24 or 32 in a"):
+        forward(m=12)
+    with pytest.raises(Exception, match=r"w2 \(1, 1, M, N\) and b2 \(N,\)"):
+        forward(w2_in=16)
+    with pytest.raises(Exception, match=r"w2 \(1, 1, M, N\) and b2 \(N,\)"):
+        forward(b2_n=5)
+    with pytest.raises(Exception, match="pads of at most k - 1"):
+        forward(pads=((3, 0), (0, 0)))
+    with pytest.raises(Exception, match="swap exactly when N is not a multiple of 8"):
+        grads(swap=False)
+    with pytest.raises(Exception, match="does not match the geometry"):
+        grads(y_rows=5)
+    with pytest.raises(Exception, match=r"a \(B, Ho, Wo, M\)"):
+        grads(a_rows=5)
+    with pytest.raises(Exception, match="dw and dw2 shaped as the kernels"):
+        grads(dw_n=7)

@@ -558,3 +558,71 @@ def test_conv_in_affine_needs_no_padding():
         conv.apply(params, x, in_affine=affine)
     assert not conv.folds(x.shape) and Conv(3, 3).folds(x.shape)
     assert not Conv(4, 3, groups=2).folds(x.shape)
+
+
+# ---------------------------------------------------------- conv, relu, 1x1 conv, relu as one
+def test_sequential_runs_conv_relu_conv1x1_relu_as_one_call(monkeypatch):
+    """Sequential hands conv, relu, 1x1 conv, relu to layers.conv2d_relu_conv1x1 (training and
+    evaluation, a batch norm folded into the first conv), not where a BatchNorm follows (it
+    takes the 1x1's statistics) nor with return_features; the same bits either way."""
+    model = Sequential(
+        [
+            BatchNorm(),
+            Conv(16, 3),
+            Activation("relu"),
+            Conv(10, 1),
+            Activation("relu"),
+            Conv(8, 3, use_bias=False),
+            Activation("relu"),
+            Conv(8, 1),
+            Activation("relu"),
+            BatchNorm(),
+            Flatten(),
+        ]
+    )
+    x = _x((3, 10, 10, 2))
+    variables = model.init(KEY, x)
+    calls = []
+    real = layers.conv2d_relu_conv1x1
+    monkeypatch.setattr(
+        layers, "conv2d_relu_conv1x1", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)
+    )
+
+    def loss(p, x):
+        y, upd = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, upd)
+
+    def step():  # traced anew each time
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    got = step()(variables["params"], x)
+    assert calls == [(3, 3, 2, 16)]  # not the second pair: a BatchNorm follows it
+    evaluated = model.apply(variables, x)
+    _, features = model.apply(variables, x, return_features=True)
+    assert len(calls) == 2 and "3_conv" in features
+    monkeypatch.setattr(Sequential, "_conv_relu_conv1x1", lambda self, i: False)
+    assert "cnn_conv_pw" not in step().lower(variables["params"], x).as_text()
+    chex.assert_trees_all_equal(step()(variables["params"], x), got)  # the same bits
+    chex.assert_trees_all_equal(model.apply(variables, x), evaluated)
+    assert len(calls) == 2
+
+
+def test_conv_taking_a_conv_call_needs_a_pointwise_relu_conv():
+    x = _x((2, 8, 8, 3))
+    first = Conv(8, 3)
+    call = first.apply(first.init(KEY, x), x, defer=True)
+    pointwise = Conv(4, 1)
+    params = pointwise.init(KEY, call, activation="relu")
+    assert params["params"]["kernel"].shape == (1, 1, 8, 4) and pointwise.pointwise()
+    y = pointwise.apply(params, call, activation="relu")
+    assert y.shape == (2, 6, 6, 4)
+    for conv, kw in (
+        (Conv(4, 3), dict(activation="relu")),
+        (Conv(4, 1, padding=1), dict(activation="relu")),
+        (Conv(4, 1, stride=2), dict(activation="relu")),
+        (Conv(4, 1, impl="xla"), dict(activation="relu")),
+        (Conv(4, 1), dict()),
+        (Conv(4, 1), dict(activation="relu", stats=True)),
+    ):
+        with pytest.raises(ValueError, match="a ConvCall input needs this conv pointwise()"):
+            conv.init(KEY, call, **kw)

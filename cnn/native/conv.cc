@@ -16,7 +16,8 @@
 // XLA's intra-op threads. A 3x3 cnn_conv with an even output and 4-16 channels each way runs
 // Winograd F(2x2, 3x3) instead (winograd_image): 2.25x fewer multiplies, measured 1.1-1.6x
 // faster per image. cnn_conv_pool_grads (below cnn_bn_pool_grad) takes both gradients of a
-// relu'd conv under batch norm and a max pool at once.
+// relu'd conv under batch norm and a max pool at once; cnn_conv_pw and cnn_conv_pw_grads run a
+// relu'd conv and a relu'd 1x1 conv after it as one call each way.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -288,6 +289,25 @@ const float* prepared_image(const Geometry& g, const float* x, const float* m, c
   return scratch;
 }
 
+// relu as jnp.maximum(y, 0) gives it: NaN stays NaN and -0 stays -0 (vmaxps returns its second
+// operand when either is NaN or both are zeros); one instruction instead of a compare and a mask.
+inline v8 relu8(v8 a) {
+#if defined(__AVX__)
+  return v8(_mm256_max_ps(__m256(v8{}), __m256(a)));
+#else
+  return a < 0.0f ? v8{} : a;
+#endif
+}
+
+// a * b + c rounded once, whatever the compiler would contract.
+inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return v8(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+#else
+  return a * b + c;
+#endif
+}
+
 // What cnn_conv does to each output vector: add the bias (packed in NV * 8 lanes), then relu;
 // with stats, also add it and its square to the image's sums ([2][NV * 8]). RELU and STATS are
 // compile-time, so the accumulators stay in registers through the epilogue.
@@ -323,14 +343,16 @@ inline void store_block(const Geometry& g, const Epilogue& e, v8 (&acc)[XB][NV],
       s1[v] = load8(e.stats + v * 8);
       s2[v] = load8(e.stats + (NV + v) * 8);
     }
+#pragma GCC unroll 16
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       v8 a = acc[i][v] + load8(e.bias + v * 8);
-      if (RELU) a = a < 0.0f ? v8{} : a;  // jnp.maximum(y, 0): NaN stays NaN
+      if (RELU) a = relu8(a);
       if (STATS) {
         s1[v] += a;
-        s2[v] += a * a;
+        s2[v] = fma8(a, a, s2[v]);
       }
       if (v < full || yo + (v + 1) * 8 <= yend)
         *reinterpret_cast<v8u*>(yo + v * 8) = a;
@@ -629,10 +651,10 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
         }
         for (int q = 0; q < 4; ++q) {
           v8 a = out[q] + bias[v];
-          if (RELU) a = a < 0.0f ? v8{} : a;
+          if (RELU) a = relu8(a);
           if (STATS) {
             s1[v] += a;
-            s2[v] += a * a;
+            s2[v] = fma8(a, a, s2[v]);
           }
           float* dst = yo + ((q / 2) * g.Wo + q % 2) * O + v * 8;
           if (v < full)
@@ -751,6 +773,37 @@ bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
 
 int64_t workers_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
+// One call's scratch, `workers` slots of each size asked for, carved from a buffer of the
+// calling thread's that is kept between calls (a fresh allocation of this size is mmap'd, and
+// its pages fault as they are first touched, at every call). Not zeroed.
+class Scratch {
+ public:
+  explicit Scratch(int64_t workers) : workers_(workers) {}
+  // Reserves workers slots of n floats; returns the id for at().
+  int64_t add(int64_t n) {
+    sizes_.push_back(n);
+    offsets_.push_back(total_);
+    total_ += workers_ * ((n + 15) / 16 * 16);
+    return int64_t(sizes_.size()) - 1;
+  }
+  // After the last add: the buffer, grown if need be.
+  void allocate() {
+    thread_local std::vector<float> buffer;
+    if (int64_t(buffer.size()) < total_) buffer.resize(total_);
+    base_ = buffer.data();
+  }
+  // Worker w's slot of reservation id; nullptr for a size of 0.
+  float* at(int64_t id, int64_t w) const {
+    const int64_t n = sizes_[id];
+    return n ? base_ + offsets_[id] + w * ((n + 15) / 16 * 16) : nullptr;
+  }
+
+ private:
+  int64_t workers_, total_ = 0;
+  std::vector<int64_t> sizes_, offsets_;
+  float* base_ = nullptr;
+};
+
 // Checks the terms operand t of cnn_conv and cnn_conv_dw: (B, 2, C) with the mask, or unused.
 ffi::Error check_terms(ffi::Buffer<ffi::F32>& t, bool terms, bool mask, int64_t B, int64_t C,
                        const char* what) {
@@ -782,9 +835,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const ConvPlan plan(g, w.typed_data(), b.typed_data());
   const int64_t workers = workers_of(pool), img = g.padded_image_size();
   const int64_t wsize = plan.work_size();
-  std::vector<float> work(workers * wsize);
-  std::vector<float> sums(stats ? workers * 2 * nv * 8 : 0);
-  std::vector<float> scratch(g.padded() || mask ? workers * img : 0);
+  Scratch sc(workers);
+  const int64_t s_work = sc.add(wsize), s_sums = sc.add(stats ? 2 * nv * 8 : 0),
+                s_x = sc.add(g.padded() || mask ? img : 0);
+  sc.allocate();
   const float* xs = x.typed_data();
   const float* ms = mask ? m.typed_data() : nullptr;
   const float* ts = terms ? t.typed_data() : nullptr;
@@ -793,11 +847,11 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto body = [&](int64_t i, int64_t worker) {
     const float* xin = prepared_image(g, xs + i * x_img, ms ? ms + i * x_img : nullptr,
                                       ts ? ts + i * 2 * g.C : nullptr,
-                                      scratch.empty() ? nullptr : &scratch[worker * img]);
-    float* image_sums = stats ? &sums[worker * 2 * nv * 8] : nullptr;
+                                      sc.at(s_x, worker));
+    float* image_sums = sc.at(s_sums, worker);
     if (stats) std::fill(image_sums, image_sums + 2 * nv * 8, 0.0f);
     float* yi = ys + i * g.Ho * g.Wo * g.O;
-    plan.image(image_sums, relu, xin, yi, wsize ? &work[worker * wsize] : nullptr);
+    plan.image(image_sums, relu, xin, yi, sc.at(s_work, worker));
     if (stats) {  // per image, so the bits do not depend on the threads
       float* out = s->typed_data() + i * 2 * g.O;
       for (int k = 0; k < 2; ++k)
@@ -836,8 +890,9 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const bool ragged = g.O % 8 != 0, copy_g = ragged || (mask && !swap);
   const bool copy_x = g.padded() || (mask && swap);
   const int64_t img = g.padded_image_size(), gimg = g.Ho * g.Wo * nv * 8;
-  std::vector<float> scratch(copy_x ? workers * img : 0);
-  std::vector<float> gscratch(copy_g ? workers * gimg : 0);
+  Scratch sc(workers);
+  const int64_t s_x = sc.add(copy_x ? img : 0), s_g = sc.add(copy_g ? gimg : 0);
+  sc.allocate();
   const float* xs = x.typed_data();
   const float* gs = gy.typed_data();
   const float* ms = mask ? m.typed_data() : nullptr;
@@ -848,10 +903,10 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int64_t b = group * kDwGroup; b < std::min(g.B, (group + 1) * kDwGroup); ++b) {
       const float* xin = prepared_image(g, xs + b * x_img, swap && ms ? ms + b * x_img : nullptr,
                                         swap && ts ? ts + b * 2 * g.C : nullptr,
-                                        copy_x ? &scratch[worker * img] : nullptr);
+                                        sc.at(s_x, worker));
       const float* gp = gs + b * g_img;
       if (copy_g) {
-        float* dst = &gscratch[worker * gimg];
+        float* dst = sc.at(s_g, worker);
         if (ragged) std::fill(dst, dst + gimg, 0.0f);
         const float* mp = ms && !swap ? ms + b * g_img : nullptr;
         const float* tp = ts && !swap ? ts + b * 2 * g.O : nullptr;
@@ -1071,29 +1126,183 @@ ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t workers = workers_of(pool), gimg = gx.padded_image_size();
   const int64_t ximg = gf.padded_image_size(), wsize = dx_plan.work_size();
   const int64_t a_img = gf.Ho * gf.Wo * O, x_img = gf.H * gf.W * C;
-  std::vector<float> gscratch(workers * gimg), rows(gx.padded() ? workers * a_img : 0);
-  std::vector<float> xscratch(gf.padded() ? workers * ximg : 0), work(workers * wsize);
+  Scratch sc(workers);
+  const int64_t s_g = sc.add(gimg), s_rows = sc.add(gx.padded() ? a_img : 0),
+                s_x = sc.add(gf.padded() ? ximg : 0), s_work = sc.add(wsize);
+  sc.allocate();
   const float *xs = x.typed_data(), *as = a.typed_data();
   float* dxs = dx->typed_data();
   auto body = [&](int64_t group, int64_t worker) {
     float* part_g = dw_plan.part_of(group);
     for (int64_t b = group * kDwGroup; b < std::min(B, (group + 1) * kDwGroup); ++b) {
-      const float* g = pool_grad_image(gx, pg, as + b * a_img, b, &gscratch[worker * gimg]);
-      dx_plan.image(nullptr, false, g, dxs + b * x_img, wsize ? &work[worker * wsize] : nullptr);
+      const float* g = pool_grad_image(gx, pg, as + b * a_img, b, sc.at(s_g, worker));
+      dx_plan.image(nullptr, false, g, dxs + b * x_img, sc.at(s_work, worker));
       if (gx.padded()) {  // the kernel gradient reads rows of Wo * O floats
-        float* dst = &rows[worker * a_img];
+        float* dst = sc.at(s_rows, worker);
         for (int64_t i = 0; i < gf.Ho; ++i)
           std::memcpy(dst + i * gf.Wo * O, g + ((i + fpt) * gx.Wp + fpl) * O,
                       sizeof(float) * gf.Wo * O);
         g = dst;
       }
       const float* xin = prepared_image(gf, xs + b * x_img, nullptr, nullptr,
-                                        gf.padded() ? &xscratch[worker * ximg] : nullptr);
+                                        sc.at(s_x, worker));
       dw_plan.image(xin, g, part_g, bias ? dw_plan.db_part_of(group) : nullptr);
     }
   };
   parallel_for(pool, dw_plan.groups, workers, body);
   dw_plan.finish(dw->typed_data(), db->typed_data(), O);
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------ a conv and relu, then a 1x1 conv and relu
+// cnn_conv_pw:       y = relu(a @ w2 + b2), a = relu(conv(x, w) + b) (M channels), image by
+//                    image: the 1x1 conv reads a where it was just made, in cache. a is an
+//                    output too, for the backward pass.
+// cnn_conv_pw_grads: from y's gradient gy, image by image, in per-thread scratch: g2 = gy where
+//                    y > 0, then da = g2 @ w2^T where a > 0; from them either the kernel and
+//                    bias gradients (dw, db, dw2, db2, grouped as cnn_conv_dw groups them) or,
+//                    with input_grad, x's gradient (cnn_conv of da with the flipped kernel): two
+//                    calls, so that XLA drops the second where x needs no gradient. Neither g2
+//                    nor da is written to memory.
+// M is 8, 16, 24 or 32. The same values as cnn_conv and cnn_conv_dw taking the two layers one
+// after another.
+// The geometries of the k x k conv (x: B, H, W, C; w: KH, KW, C, M) and of the 1x1 (M -> N),
+// checked against y (B, Ho, Wo, N).
+ffi::Error pw_geometry(const std::string& name, ffi::Span<const int64_t> xd,
+                       ffi::Span<const int64_t> wd, int64_t M, int64_t N,
+                       ffi::Span<const int64_t> yd, int64_t pt, int64_t pb, int64_t pl,
+                       int64_t pr, Geometry& g1, Geometry& g2) {
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] || wd[3] != M)
+    return ffi::Error::InvalidArgument(name + ": expects NHWC x and y, and HWIO kernels");
+  if (xd[3] > 32 || M % 8 != 0 || M < 8 || M > 32 || N < 1 || N > 32 ||
+      std::min({pt, pb, pl, pr}) < 0 || pt >= wd[0] || pb >= wd[0] || pl >= wd[1] ||
+      pr >= wd[1])
+    return ffi::Error::InvalidArgument(
+        name + ": expects at most 32 channels in x and y, 8, 16, 24 or 32 in a, and pads of at"
+               " most k - 1");
+  g1 = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], M, xd[1] + pt + pb - wd[0] + 1,
+                xd[2] + pl + pr - wd[1] + 1, pt, pl, xd[1] + pt + pb, xd[2] + pl + pr};
+  if (g1.Ho < 1 || g1.Wo < 1 || yd[0] != g1.B || yd[1] != g1.Ho || yd[2] != g1.Wo || yd[3] != N)
+    return ffi::Error::InvalidArgument(name + ": y's shape does not match the geometry");
+  g2 = Geometry{g1.B, g1.Ho, g1.Wo, M, 1, 1, N, g1.Ho, g1.Wo, 0, 0, g1.Ho, g1.Wo};
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvPwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> w2,
+                      ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> y,
+                      ffi::ResultBuffer<ffi::F32> a, int64_t pt, int64_t pb, int64_t pl,
+                      int64_t pr) {
+  auto wd = w.dimensions(), w2d = w2.dimensions();
+  if (wd.size() != 4 || w2d.size() != 4 || w2d[0] != 1 || w2d[1] != 1 || w2d[2] != wd[3] ||
+      int64_t(b.element_count()) != wd[3] || int64_t(b2.element_count()) != w2d[3])
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pw: expects w (KH, KW, C, M), b (M,), w2 (1, 1, M, N) and b2 (N,)");
+  Geometry g1, g2;
+  if (auto e = pw_geometry("cnn_conv_pw", x.dimensions(), wd, wd[3], w2d[3], y->dimensions(), pt,
+                           pb, pl, pr, g1, g2);
+      e.failure())
+    return e;
+  const int64_t a_img = g1.Ho * g1.Wo * g1.O, y_img = g1.Ho * g1.Wo * g2.O;
+  if (int64_t(a->element_count()) != g1.B * a_img)
+    return ffi::Error::InvalidArgument("cnn_conv_pw: expects a shaped (B, Ho, Wo, M)");
+  const ConvPlan p1(g1, w.typed_data(), b.typed_data()), p2(g2, w2.typed_data(), b2.typed_data());
+  const int64_t workers = workers_of(pool), x_img = g1.H * g1.W * g1.C;
+  Scratch sc(workers);
+  const int64_t s_x = sc.add(g1.padded() ? g1.padded_image_size() : 0);
+  const int64_t s_w1 = sc.add(p1.work_size()), s_w2 = sc.add(p2.work_size());
+  sc.allocate();
+  const float* xs = x.typed_data();
+  float *ys = y->typed_data(), *as = a->typed_data();
+  auto body = [&](int64_t i, int64_t worker) {
+    const float* xin = prepared_image(g1, xs + i * x_img, nullptr, nullptr, sc.at(s_x, worker));
+    p1.image(nullptr, true, xin, as + i * a_img, sc.at(s_w1, worker));
+    p2.image(nullptr, true, as + i * a_img, ys + i * y_img, sc.at(s_w2, worker));
+  };
+  parallel_for(pool, g1.B, workers, body);
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvPwGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> wf, ffi::Buffer<ffi::F32> w2t,
+                           ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> a,
+                           ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db,
+                           ffi::ResultBuffer<ffi::F32> dw2, ffi::ResultBuffer<ffi::F32> db2,
+                           int64_t pt, int64_t pb, int64_t pl, int64_t pr, bool input_grad,
+                           bool swap) {
+  auto fd = wf.dimensions(), td = w2t.dimensions();
+  if (fd.size() != 4 || td.size() != 4 || td[0] != 1 || td[1] != 1 || td[3] != fd[2])
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pw_grads: expects the flipped kernel (KH, KW, M, C) and w2^T (1, 1, N, M)");
+  const std::vector<int64_t> wd{fd[0], fd[1], fd[3], fd[2]};  // the kernel's, HWIO
+  Geometry g1, g2;
+  if (auto e = pw_geometry("cnn_conv_pw_grads", x.dimensions(), wd, fd[2], td[2], y.dimensions(),
+                           pt, pb, pl, pr, g1, g2);
+      e.failure())
+    return e;
+  const int64_t C = g1.C, M = g1.O, N = g2.O, KH = g1.KH, KW = g1.KW;
+  const int64_t pixels = g1.Ho * g1.Wo, a_img = pixels * M, g_img = pixels * N;
+  if (!same_dims(gy.dimensions(), y.dimensions()) || int64_t(a.element_count()) != g1.B * a_img ||
+      swap != (N % 8 != 0))
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pw_grads: expects gy shaped as y, a (B, Ho, Wo, M), and swap exactly when N is"
+        " not a multiple of 8");
+  const bool ok =
+      input_grad
+          ? same_dims(dx->dimensions(), x.dimensions()) && dw->element_count() == 0 &&
+                db->element_count() == 0 && dw2->element_count() == 0 &&
+                db2->element_count() == 0
+          : dx->element_count() == 0 && int64_t(dw->element_count()) == KH * KW * C * M &&
+                int64_t(db->element_count()) == M && int64_t(dw2->element_count()) == M * N &&
+                int64_t(db2->element_count()) == N;
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "cnn_conv_pw_grads: with input_grad, dx shaped as x and (0,) for the rest; without it,"
+        " (0,) for dx, dw and dw2 shaped as the kernels, db (M,) and db2 (N,)");
+  const int64_t fpt = KH - 1 - pt, fpl = KW - 1 - pl;  // the input gradient's: full padding
+  const Geometry gx{g1.B, g1.Ho, g1.Wo, M, KH, KW, C, g1.H, g1.W, fpt, fpl,
+                    g1.Ho + fpt + KH - 1 - pb, g1.Wo + fpl + KW - 1 - pr};
+  const Geometry gt{g1.B, g1.Ho, g1.Wo, N, 1, 1, M, g1.Ho, g1.Wo, 0, 0, g1.Ho, g1.Wo};  // da
+  // the 1x1 kernel's gradient with its lanes on M (swap: x = g2, g = a; db2 = g2's sum) or on N
+  const ConvPlan pt_plan(gt, w2t.typed_data(), nullptr), px(gx, wf.typed_data(), nullptr);
+  DwPlan d1(g1), d2(swap ? gt : g2);
+  const int64_t workers = workers_of(pool), x_img = g1.H * g1.W * C;
+  Scratch sc(workers);
+  const int64_t s_x = sc.add(g1.padded() && !input_grad ? g1.padded_image_size() : 0);
+  const int64_t s_d = sc.add(a_img), s_g = sc.add(g_img), s_wt = sc.add(pt_plan.work_size());
+  const int64_t s_dx = sc.add(input_grad ? gx.padded_image_size() : 0);
+  const int64_t s_wx = sc.add(input_grad ? px.work_size() : 0);
+  sc.allocate();
+  const float *xs = x.typed_data(), *ys = y.typed_data(), *as = a.typed_data();
+  const float* gys = gy.typed_data();
+  auto body = [&](int64_t group, int64_t worker) {
+    for (int64_t i = group * kDwGroup; i < std::min(g1.B, (group + 1) * kDwGroup); ++i) {
+      const float* ai = as + i * a_img;
+      float *g2v = sc.at(s_g, worker), *da = sc.at(s_d, worker);
+      copy_masked(g2v, gys + i * g_img, ys + i * g_img, g_img);
+      pt_plan.image(nullptr, false, g2v, da, sc.at(s_wt, worker));
+      copy_masked(da, da, ai, a_img);
+      if (input_grad) {
+        const float* din = prepared_image(gx, da, nullptr, nullptr, sc.at(s_dx, worker));
+        px.image(nullptr, false, din, dx->typed_data() + i * x_img, sc.at(s_wx, worker));
+        continue;
+      }
+      const float* xin = prepared_image(g1, xs + i * x_img, nullptr, nullptr, sc.at(s_x, worker));
+      d1.image(xin, da, d1.part_of(group), d1.db_part_of(group));
+      if (swap) {
+        d2.image(g2v, ai, d2.part_of(group), nullptr);
+        add_rows(d2.db_part_of(group), g2v, pixels, N);
+      } else {
+        d2.image(ai, g2v, d2.part_of(group), d2.db_part_of(group));
+      }
+    }
+  };
+  parallel_for(pool, d1.groups, workers, body);
+  if (!input_grad) {
+    d1.finish(dw->typed_data(), db->typed_data(), M);
+    d2.finish(dw2->typed_data(), db2->typed_data(), N);
+  }
   return ffi::Error::Success();
 }
 
@@ -1412,6 +1621,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPoolGrads, ConvPoolGradsImpl,
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<bool>("bias"));
+
+// x, w, b, w2, b2 -> y = relu(a @ w2 + b2), a = relu(conv(x, w) + b)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPw, ConvPwImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS);
+// x, flipped kernel, w2^T, y, a, y's gradient -> dx (input_grad), or dw, db, dw2 (transposed
+// with swap), db2
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPwGrads, ConvPwGradsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
+                                  .Attr<bool>("input_grad")
+                                  .Attr<bool>("swap"));
 
 // g, mu, nu, bias corrections -> update, mu, nu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnAdam, AdamImpl,
