@@ -200,6 +200,19 @@ def _pad_attrs(pads: Pads) -> dict[str, np.int64]:
     }
 
 
+def _f32(shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+def _out_hw(x_BHWC: Array, w_HWIO: Array, pads: Pads) -> tuple[int, int]:
+    """A stride-1 conv's output height and width."""
+    (pt, pb), (pl, pr) = pads
+    return (
+        x_BHWC.shape[1] + pt + pb - w_HWIO.shape[0] + 1,
+        x_BHWC.shape[2] + pl + pr - w_HWIO.shape[1] + 1,
+    )
+
+
 def _forward(
     x_BHWC: Array,
     w_HWIO: Array,
@@ -213,12 +226,10 @@ def _forward(
     """(act(conv(x' , w) + b), its per-image sums (B, 2, O) if stats else a (0,) placeholder),
     x' = x (+ terms[:, 0] + 2 mask * terms[:, 1]) where mask > 0, else 0; the mask source None
     means no mask (and no terms)."""
-    (pt, pb), (pl, pr) = pads
-    b, h, w, _ = x_BHWC.shape
-    kh, kw, _, o = w_HWIO.shape
+    b, o = x_BHWC.shape[0], w_HWIO.shape[3]
     out = (
-        jax.ShapeDtypeStruct((b, h + pt + pb - kh + 1, w + pl + pr - kw + 1, o), jnp.float32),
-        jax.ShapeDtypeStruct((b, 2, o) if stats else (0,), jnp.float32),
+        _f32((b, *_out_hw(x_BHWC, w_HWIO, pads), o)),
+        _f32((b, 2, o) if stats else (0,)),
     )
     m = x_BHWC if mask_BHWC is None else mask_BHWC  # unread without the mask
     t = b_O if terms_B2C is None else terms_B2C  # unread without terms
@@ -309,7 +320,7 @@ def _conv_bwd(pads, relu, stats, res, cotangents):
     a, b, dw_shape = (g_BHWO, x_BHWC, (1, 1, o, c)) if swap else (x_BHWC, g_BHWO, w_HWIO.shape)
     dw, db_O = jax.ffi.ffi_call(
         "cnn_conv_dw",
-        (jax.ShapeDtypeStruct(dw_shape, jnp.float32), jax.ShapeDtypeStruct((o,), jnp.float32)),
+        (_f32(dw_shape), _f32((o,))),
         vmap_method="sequential",
     )(a, b, m, g_BHWO if terms_B2O is None else terms_B2O, **attrs, swap=swap)
     dw_HWIO = dw.transpose(0, 1, 3, 2) if swap else dw
@@ -349,7 +360,7 @@ def bn_max_pool(x_BHWC: Array, inv_C: Array, shift_C: Array, win) -> tuple[Array
     its window, row-major, uint8; the first of ties)."""
     require()
     shape = _pooled_shape(x_BHWC, win)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    out = (_f32(shape), jax.ShapeDtypeStruct(shape, jnp.uint8))
     return jax.ffi.ffi_call("cnn_bn_pool", out, vmap_method="sequential")(
         x_BHWC, inv_C, shift_C, **_window(win)
     )
@@ -359,7 +370,7 @@ def bn_max_pool_sums(g_BHWC: Array, at_BHWC: Array, x_BHWC: Array, mean_C: Array
     """Per image and channel (B, 2, C): sum g, and sum g * (x - mean) at each maximum's place."""
     require()
     b, c = x_BHWC.shape[0], x_BHWC.shape[3]
-    out = jax.ShapeDtypeStruct((b, 2, c), jnp.float32)
+    out = _f32((b, 2, c))
     return jax.ffi.ffi_call("cnn_bn_pool_sums", out, vmap_method="sequential")(
         g_BHWC, at_BHWC, x_BHWC, mean_C, **_window(win)
     )
@@ -374,9 +385,9 @@ def conv_pool_grads(
     gradients both read it, instead of it being written and read back (O: 8, 16, 24 or 32)."""
     require()
     out = (
-        jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32),
-        jax.ShapeDtypeStruct(w_HWIO.shape, jnp.float32),
-        jax.ShapeDtypeStruct(w_HWIO.shape[3:], jnp.float32),
+        _f32(x_BHWC.shape),
+        _f32(w_HWIO.shape),
+        _f32(w_HWIO.shape[3:]),
     )
     dx, dw, db = jax.ffi.ffi_call("cnn_conv_pool_grads", out, vmap_method="sequential")(
         x_BHWC,
@@ -399,7 +410,7 @@ def bn_max_pool_grad(g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, win) -> Ar
     """(c1 + x * c2) * w[b] + gz * inv everywhere in x, gz the pooled gradient at each
     maximum's place and 0 elsewhere: batch norm's input gradient under a max pool."""
     require()
-    out = jax.ShapeDtypeStruct(x_BHWC.shape, jnp.float32)
+    out = _f32(x_BHWC.shape)
     return jax.ffi.ffi_call("cnn_bn_pool_grad", out, vmap_method="sequential")(
         g_BHWC, at_BHWC, x_BHWC, inv_C, c1_C, c2_C, w_B, **_window(win)
     )
@@ -429,18 +440,11 @@ def conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads: Pads) -> Array:
     return _conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads)[0]
 
 
-def _f32(shape) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _conv_pw(x_BHWC, w_HWIM, b_M, w_11MN, b_N, pads):
     """(y, a)."""
-    b, h, w, _ = x_BHWC.shape
-    (pt, pb), (pl, pr) = pads
-    kh, kw, _, m = w_HWIM.shape
-    hw = (h + pt + pb - kh + 1, w + pl + pr - kw + 1)
-    out = (_f32((b, *hw, w_11MN.shape[3])), _f32((b, *hw, m)))
+    b, hw = x_BHWC.shape[0], _out_hw(x_BHWC, w_HWIM, pads)
+    out = (_f32((b, *hw, w_11MN.shape[3])), _f32((b, *hw, w_HWIM.shape[3])))
     return jax.ffi.ffi_call("cnn_conv_pw", out, vmap_method="sequential")(
         x_BHWC, w_HWIM, b_M, w_11MN, b_N, **_pad_attrs(pads)
     )
@@ -455,7 +459,7 @@ def _conv_pw_bwd(pads, res, cotangents):
     x_BHWC, w_HWIM, w_11MN, y_BHWN, a_BHWM = res
     g_BHWN = cotangents[0]  # a is an output for this backward pass only: its cotangent is 0
     m, n = w_11MN.shape[2:]
-    swap = n % 8 != 0  # the 1x1 kernel gradient's lanes on M (as _swap_dw: M % 8 == 0)
+    swap = _swap_dw((1, 1), ((0, 0), (0, 0)), m, n)  # M % 8 == 0: exactly when N % 8 != 0
     args = (x_BHWC, _flip(w_HWIM), _flip(w_11MN), y_BHWN, a_BHWM, g_BHWN)
     call = functools.partial(jax.ffi.ffi_call, "cnn_conv_pw_grads", vmap_method="sequential")
     attrs = {**_pad_attrs(pads), "swap": swap}
@@ -490,7 +494,7 @@ def dense(x_BK: Array, w_KO: Array) -> Array:
 
 
 def _dense_call(target: str, a, b, shape) -> Array:
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    out = _f32(shape)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b)
 
 
@@ -520,7 +524,7 @@ def adam_moments(g, mu, nu, bc_2, *, b1: float, b2: float, eps: float):
     bc_2 = (1 - b1**count, 1 - b2**count) as optax has them. mu and nu are updated in place
     where XLA can donate them."""
     require()
-    out = tuple(jax.ShapeDtypeStruct(g.shape, jnp.float32) for _ in range(3))
+    out = tuple(_f32(g.shape) for _ in range(3))
     return jax.ffi.ffi_call(
         "cnn_adam", out, vmap_method="sequential", input_output_aliases={1: 1, 2: 2}
     )(

@@ -779,12 +779,11 @@ int64_t workers_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num
 class Scratch {
  public:
   explicit Scratch(int64_t workers) : workers_(workers) {}
-  // Reserves workers slots of n floats; returns the id for at().
+  // Reserves workers slots of n floats (each at a multiple of 16); returns the id for at().
   int64_t add(int64_t n) {
-    sizes_.push_back(n);
-    offsets_.push_back(total_);
-    total_ += workers_ * ((n + 15) / 16 * 16);
-    return int64_t(sizes_.size()) - 1;
+    slots_.push_back({total_, (n + 15) / 16 * 16});
+    total_ += workers_ * slots_.back().stride;
+    return int64_t(slots_.size()) - 1;
   }
   // After the last add: the buffer, grown if need be.
   void allocate() {
@@ -794,13 +793,16 @@ class Scratch {
   }
   // Worker w's slot of reservation id; nullptr for a size of 0.
   float* at(int64_t id, int64_t w) const {
-    const int64_t n = sizes_[id];
-    return n ? base_ + offsets_[id] + w * ((n + 15) / 16 * 16) : nullptr;
+    const Slot& s = slots_[id];
+    return s.stride ? base_ + s.offset + w * s.stride : nullptr;
   }
 
  private:
+  struct Slot {
+    int64_t offset, stride;
+  };
   int64_t workers_, total_ = 0;
-  std::vector<int64_t> sizes_, offsets_;
+  std::vector<Slot> slots_;
   float* base_ = nullptr;
 };
 
