@@ -16,6 +16,12 @@ rotations and shifts: ``max_offset`` bounds it) the sample is a sum over the (2*
 shifted copies of the padded image, each weighted by the bilinear "tent" weights, which are
 exactly zero away from the four corners: one fused elementwise loop (0.4 ms). Otherwise it is
 a flat gather, as fast as ``jax.scipy.ndimage.map_coordinates(order=1)`` (same values).
+On the CPU, ``impl="auto"`` runs float32 one-channel warps as one native call instead
+(``cnn.native.affine_warp``): only the four corners' terms of the shifted-copy sum, rounded as
+XLA rounds that sum, so its output is the same bit for bit where the window applies (the
+gather form rounds the corner weights' products otherwise: within 1e-5 there; with more
+channels XLA rounds within 1 ulp of it, so "auto" keeps XLA's form). Its gradient is the XLA
+form's (recomputed).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from cnn import native
+
 __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
@@ -37,7 +45,10 @@ __all__ = [
     "max_offset",
     "augment",
     "augment_batch",
+    "IMPLS",
 ]
+
+IMPLS = ("auto", "xla", "native")
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -133,6 +144,25 @@ def _window(offset: float | None) -> int:
     return window if window <= _MAX_WINDOW else 0
 
 
+def _native_impl(impl: str, x_BHWC) -> bool:
+    """Whether impl runs the warp of x natively; ValueError for a bad impl.
+
+    "auto" takes it for float32 one-channel images only: there it rounds as XLA does (tests);
+    with more channels XLA's loop rounds otherwise (to 1 ulp).
+    """
+    dtype = x_BHWC.dtype
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    compute = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+    if impl == "native":
+        native.require()
+        if compute != jnp.float32:
+            raise ValueError(f"impl='native' warps float32 (or integer) images, got {dtype}.")
+        return True
+    one_channel = x_BHWC.ndim == 4 and x_BHWC.shape[-1] == 1
+    return impl == "auto" and compute == jnp.float32 and one_channel and native.available()
+
+
 def affine_warp(
     x_BHWC: jax.Array,
     theta_B: jax.Array,
@@ -140,6 +170,7 @@ def affine_warp(
     *,
     fill: float = 0.0,
     max_offset: float | None = None,
+    impl: str = "auto",
 ) -> jax.Array:
     """Rotate each image by theta_B (radians, CCW) about its centre, then shift by (dy, dx).
 
@@ -147,23 +178,24 @@ def affine_warp(
     rounded and clipped back to their dtype's range). ``fill`` may be a traced scalar.
     ``max_offset``: a bound on every sample's distance per axis from its output pixel (see
     ``max_offset()``), which lets small warps skip the gather; the values are the same.
+    ``impl``: "xla", "native" (the CPU kernel) or "auto" (native for float32 where it runs).
     """
+    x_BHWC = jnp.asarray(x_BHWC)
+    use_native = _native_impl(impl, x_BHWC)
     return _affine_warp(
-        jnp.asarray(x_BHWC), jnp.asarray(theta_B), jnp.asarray(shift_B2), fill, _window(max_offset)
+        x_BHWC, jnp.asarray(theta_B), jnp.asarray(shift_B2), fill, _window(max_offset), use_native
     )
 
 
-@functools.partial(jax.jit, static_argnums=4)  # compiled once per shape/dtype/window
-def _affine_warp(x_BHWC, theta_B, shift_B2, fill, window):
-    B, H, W, _ = x_BHWC.shape
-    dtype = x_BHWC.dtype
-    xf_BHWC = x_BHWC if jnp.issubdtype(dtype, jnp.floating) else x_BHWC.astype(jnp.float32)
-    fdt = xf_BHWC.dtype
+def _positions(theta_B, shift_B2, shape_BHW, fdt):
+    """(cos_B, sin_B, rows v_in_BHW, columns u_in_BHW): where each output pixel samples."""
+    _, H, W = shape_BHW
     cy, cx = (H - 1) / 2.0, (W - 1) / 2.0
     rows_H = jnp.arange(H, dtype=fdt)
     cols_W = jnp.arange(W, dtype=fdt)
-    cos_B11 = jnp.cos(theta_B).astype(fdt)[:, None, None]
-    sin_B11 = jnp.sin(theta_B).astype(fdt)[:, None, None]
+    cos_B = jnp.cos(theta_B).astype(fdt)
+    sin_B = jnp.sin(theta_B).astype(fdt)
+    cos_B11, sin_B11 = cos_B[:, None, None], sin_B[:, None, None]
     # Output pixel relative to the centre, minus the shift.
     v_BHW = rows_H[None, :, None] - cy - shift_B2[:, 0, None, None].astype(fdt)
     u_BHW = cols_W[None, None, :] - cx - shift_B2[:, 1, None, None].astype(fdt)
@@ -172,11 +204,50 @@ def _affine_warp(x_BHWC, theta_B, shift_B2, fill, window):
     # undoing it: u_in = cos*u - sin*v, v_in = sin*u + cos*v (v pointing down).
     u_in_BHW = cos_B11 * u_BHW - sin_B11 * v_BHW + cx
     v_in_BHW = sin_B11 * u_BHW + cos_B11 * v_BHW + cy
-    fill_arr = jnp.asarray(fill, dtype=fdt)
+    return cos_B, sin_B, v_in_BHW, u_in_BHW
+
+
+def _xla_warp(xf_BHWC, theta_B, shift_B2, fill, window):
+    _, _, v_in_BHW, u_in_BHW = _positions(theta_B, shift_B2, xf_BHWC.shape[:3], xf_BHWC.dtype)
     if window:
-        out_BHWC = _bilinear_window_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill_arr, window)
+        return _bilinear_window_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill, window)
+    return _bilinear_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _native_warp(xf_BHWC, theta_B, shift_B2, fill, window):
+    cos_B, sin_B = jnp.cos(theta_B), jnp.sin(theta_B)
+    return native.affine_warp(xf_BHWC, cos_B, sin_B, shift_B2, fill, window)
+
+
+def _native_warp_fwd(xf_BHWC, theta_B, shift_B2, fill, window):
+    return _native_warp(xf_BHWC, theta_B, shift_B2, fill, window), (
+        xf_BHWC,
+        theta_B,
+        shift_B2,
+        fill,
+    )
+
+
+def _native_warp_bwd(window, res, g_BHWC):
+    _, vjp = jax.vjp(lambda *args: _xla_warp(*args, window), *res)
+    return vjp(g_BHWC)
+
+
+_native_warp.defvjp(_native_warp_fwd, _native_warp_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))  # compiled once per shape/dtype/window/impl
+def _affine_warp(x_BHWC, theta_B, shift_B2, fill, window, use_native):
+    dtype = x_BHWC.dtype
+    xf_BHWC = x_BHWC if jnp.issubdtype(dtype, jnp.floating) else x_BHWC.astype(jnp.float32)
+    fdt = xf_BHWC.dtype
+    fill_arr = jnp.asarray(fill, dtype=fdt)
+    if use_native:
+        theta_B, shift_B2 = theta_B.astype(fdt), shift_B2.astype(fdt)
+        out_BHWC = _native_warp(xf_BHWC, theta_B, shift_B2, fill_arr, window)
     else:
-        out_BHWC = _bilinear_BHWC(xf_BHWC, v_in_BHW, u_in_BHW, fill_arr)
+        out_BHWC = _xla_warp(xf_BHWC, theta_B, shift_B2, fill_arr, window)
     if out_BHWC.dtype != dtype:
         info = jnp.iinfo(dtype)
         out_BHWC = jnp.clip(jnp.round(out_BHWC), info.min, info.max).astype(dtype)
@@ -190,12 +261,13 @@ def augment(
     max_rotation_deg: float = 0.0,
     max_translation_px: float = 0.0,
     fill: float = 0.0,
+    impl: str = "auto",
 ) -> jax.Array:
     """Per-example random rotation (±deg) and translation (±px); identity when both are 0.
 
     Deterministic from ``key``. ``fill`` is the value of a black pixel: 0.0 for raw pixels,
     ``NORMALIZED_BLACK`` (= normalize(0); a traced value works too) for normalized images.
-    Same shape and dtype as ``x_BHWC``.
+    Same shape and dtype as ``x_BHWC``. ``impl`` as for :func:`affine_warp`.
     """
     max_rotation_deg = float(max_rotation_deg)
     max_translation_px = float(max_translation_px)
@@ -206,21 +278,24 @@ def augment(
         )
     if x_BHWC.ndim != 4:
         raise ValueError(f"expected images (B, H, W, C), got shape {x_BHWC.shape}.")
+    use_native = _native_impl(impl, x_BHWC)
     if max_rotation_deg == 0.0 and max_translation_px == 0.0:
         return x_BHWC
     offset = max_offset(x_BHWC.shape[1:3], max_rotation_deg, max_translation_px)
-    return _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px, _window(offset))
+    return _augment(
+        key, x_BHWC, fill, max_rotation_deg, max_translation_px, _window(offset), use_native
+    )
 
 
-@functools.partial(jax.jit, static_argnums=5)  # strengths traced; one compile per window size
-def _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px, window):
+@functools.partial(jax.jit, static_argnums=(5, 6))  # strengths traced; one compile per window
+def _augment(key, x_BHWC, fill, max_rotation_deg, max_translation_px, window, use_native):
     theta_B, shift_B2 = augment_params(
         key,
         x_BHWC.shape[0],
         max_rotation_deg=max_rotation_deg,
         max_translation_px=max_translation_px,
     )
-    return _affine_warp(x_BHWC, theta_B, shift_B2, fill, window)
+    return _affine_warp(x_BHWC, theta_B, shift_B2, fill, window, use_native)
 
 
 def augment_batch(key: jax.Array, batch: Mapping[str, jax.Array], **kwargs) -> dict:

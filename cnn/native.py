@@ -17,6 +17,8 @@ kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`). `conv_pw`
 conv followed by a relu'd 1x1 conv, one call each way (`layers.conv2d_relu_conv1x1`): the 1x1
 reads the conv's output in cache, and the gradient in it is never written.
 
+`affine_warp` rotates and shifts images with bilinear sampling (`cnn.augment.affine_warp`).
+
 `dense(x_BK, w_KO)` is a kernel that covers its whole input as a matmul with few outputs (O <=
 32), forward and gradients; `adam_moments` is Adam's moment update for one array
 (`cnn.optim`).
@@ -64,6 +66,7 @@ _TARGETS = {
     "cnn_dense": "CnnDense",
     "cnn_dense_dx": "CnnDenseDx",
     "cnn_dense_dw": "CnnDenseDw",
+    "cnn_warp": "CnnWarp",
 }
 _BUILD_TIMEOUT_S = 300
 
@@ -537,4 +540,35 @@ def adam_moments(g, mu, nu, bc_2, *, b1: float, b2: float, eps: float):
         c1=np.float32(1 - b1),
         c2=np.float32(1 - b2),
         eps=np.float32(eps),
+    )
+
+
+# ------------------------------------------------------------------------------------- warp
+def affine_warp(
+    x_BHWC: Array, cos_B: Array, sin_B: Array, shift_B2: Array, fill: Array, window: int
+) -> Array:
+    """`cnn.augment.affine_warp`'s bilinear rotation and shift of float32 images, forward only.
+
+    The arithmetic of XLA's sum over shifted copies at offsets -window..window
+    (`augment._bilinear_window_BHWC`) without its terms of weight 0, rounded as XLA's CPU
+    compiler rounds it for one channel (to 1 ulp with more; window 0: as for a window that
+    starts beyond every sample); cos_B and sin_B are the angles' as the caller computes them.
+    """
+    require()
+    b = x_BHWC.shape[0]
+    if x_BHWC.ndim != 4 or x_BHWC.dtype != jnp.float32:
+        raise ValueError(
+            f"affine_warp: expects float32 (B, H, W, C), got {x_BHWC.dtype}{x_BHWC.shape}"
+        )
+    if cos_B.shape != (b,) or sin_B.shape != (b,) or shift_B2.shape != (b, 2):
+        raise ValueError(
+            f"affine_warp: expects cos and sin ({b},) and shift ({b}, 2), got "
+            f"{cos_B.shape}, {sin_B.shape}, {shift_B2.shape}"
+        )
+    if window < 0:
+        raise ValueError(f"affine_warp: window must be >= 0, got {window}")
+    cs_B2 = jnp.stack([cos_B, sin_B], axis=1).astype(jnp.float32)
+    fill_1 = jnp.reshape(jnp.asarray(fill, jnp.float32), (1,))
+    return jax.ffi.ffi_call("cnn_warp", _f32(x_BHWC.shape), vmap_method="sequential")(
+        x_BHWC, cs_B2, shift_B2.astype(jnp.float32), fill_1, window=np.int64(window)
     )

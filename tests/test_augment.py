@@ -1,5 +1,6 @@
 """cnn.augment: normalization and random rotation/translation."""
 
+import functools
 import math
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnn import augment as A
+from cnn import native
 
 BLACK = A.NORMALIZED_BLACK  # normalize(0)
 
@@ -171,8 +173,8 @@ def test_window_sampling_equals_the_gather(deg, px, h, w, dtype):
     bound = A.max_offset((h, w), deg, px)
     assert A._window(bound) > 0  # the fast path is taken
     fill = 0.0 if dtype == np.uint8 else BLACK
-    fast = A.affine_warp(x, theta_B, shift_B2, fill=fill, max_offset=bound)
-    slow = A.affine_warp(x, theta_B, shift_B2, fill=fill)
+    fast = A.affine_warp(x, theta_B, shift_B2, fill=fill, max_offset=bound, impl="xla")
+    slow = A.affine_warp(x, theta_B, shift_B2, fill=fill, impl="xla")
     if dtype == np.uint8:  # rounding may differ by one grey level at exact .5 ties
         assert np.max(np.abs(np.asarray(fast, np.int32) - np.asarray(slow, np.int32))) <= 1
     else:
@@ -197,3 +199,119 @@ def test_max_offset_bounds_the_sampled_positions():
 def test_large_warps_use_the_gather():
     assert A._window(A.max_offset((28, 28), 45.0, 0.0)) == 0
     assert A._window(A.max_offset((28, 28), 7.0, 0.0)) == 2
+
+
+def _params(b, deg, px, seed=3):
+    theta_B, shift_B2 = A.augment_params(
+        jax.random.key(seed), b, max_rotation_deg=deg, max_translation_px=px
+    )
+    theta_B = theta_B.at[:4].set(jnp.deg2rad(jnp.asarray([deg, -deg, deg, -deg])))
+    shift_B2 = shift_B2.at[:4].set(jnp.asarray([[px, px], [-px, -px], [px, -px], [-px, px]]))
+    return theta_B, shift_B2
+
+
+def _bits(a):
+    return np.asarray(a).view(np.int32)
+
+
+@pytest.mark.parametrize(
+    "deg, px, h, w, c",
+    [
+        (7.0, 1.0, 28, 28, 1),
+        (3.0, 0.5, 28, 28, 1),
+        (0.0, 1.0, 28, 28, 1),
+        (10.0, 0.0, 9, 13, 1),
+        (7.0, 1.0, 28, 28, 2),
+        (5.0, 1.0, 11, 7, 3),
+    ],
+)
+def test_native_warp_is_xla_bit_for_bit_in_the_window(deg, px, h, w, c):
+    """The native kernel (C = 1: vectorized; else scalar) rounds as XLA's fused window sum."""
+    b = 67  # not a multiple of the threads' share
+    x_BHWC = A.normalize(images(b=b, h=h, w=w, c=c, seed=2))
+    theta_B, shift_B2 = _params(b, deg, px)
+    bound = A.max_offset((h, w), deg, px)
+    assert A._window(bound) > 0
+
+    def warp(x, t, s, impl):
+        return A.affine_warp(x, t, s, fill=BLACK, max_offset=bound, impl=impl)
+
+    xla = jax.jit(functools.partial(warp, impl="xla"))(x_BHWC, theta_B, shift_B2)
+    nat = jax.jit(functools.partial(warp, impl="native"))(x_BHWC, theta_B, shift_B2)
+    np.testing.assert_array_equal(_bits(nat), _bits(xla))
+    # As training calls it: normalize fused in, the draws inside, "auto" picking the kernel.
+    u8 = jnp.asarray(images(b=b, h=h, w=w, c=c, seed=4))
+    kw = dict(max_rotation_deg=deg, max_translation_px=px, fill=BLACK)
+
+    def step(key, u8, impl):
+        return A.augment(key, A.normalize(u8), impl=impl, **kw)
+
+    for seed in range(3):
+        key = jax.random.key(seed)
+        auto = jax.jit(functools.partial(step, impl="auto"))(key, u8)
+        ref = jax.jit(functools.partial(step, impl="xla"))(key, u8)
+        np.testing.assert_array_equal(_bits(auto), _bits(ref))
+
+
+@pytest.mark.parametrize("shape", [(9, 28, 28, 2), (5, 11, 7, 3)])
+def test_native_warp_with_channels_is_close_and_auto_keeps_xla(shape):
+    """More channels: the scalar kernel, within 1 ulp-ish of XLA's; "auto" keeps XLA's form."""
+    x_BHWC = A.normalize(images(*shape, seed=8))
+    theta_B, shift_B2 = _params(shape[0], 7.0, 1.0)
+    bound = A.max_offset(shape[1:3], 7.0, 1.0)
+    out = {
+        impl: A.affine_warp(x_BHWC, theta_B, shift_B2, fill=BLACK, max_offset=bound, impl=impl)
+        for impl in ("native", "xla", "auto")
+    }
+    np.testing.assert_allclose(np.asarray(out["native"]), np.asarray(out["xla"]), atol=2e-6)
+    np.testing.assert_array_equal(_bits(out["auto"]), _bits(out["xla"]))
+    assert not A._native_impl("auto", x_BHWC) and A._native_impl("auto", x_BHWC[..., :1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_native_warp_beyond_the_window_matches_the_gather(dtype):
+    x = images(b=16, c=2, seed=6).astype(dtype)
+    theta_B, shift_B2 = _params(16, 40.0, 5.0)
+    fill = 0.0 if dtype == np.uint8 else BLACK
+    nat = A.affine_warp(x, theta_B, shift_B2, fill=fill, impl="native")
+    xla = A.affine_warp(x, theta_B, shift_B2, fill=fill, impl="xla")
+    assert nat.dtype == xla.dtype == dtype
+    if dtype == np.uint8:
+        assert np.max(np.abs(np.asarray(nat, np.int32) - np.asarray(xla, np.int32))) <= 1
+    else:
+        np.testing.assert_allclose(np.asarray(nat), np.asarray(xla), rtol=1e-5, atol=1e-3)
+    far = A.affine_warp(x, theta_B, shift_B2 + 100.0, fill=fill, impl="native")
+    assert np.all(np.asarray(far) == np.asarray(jnp.asarray(fill).astype(dtype)))
+
+
+def test_native_warp_gradient_is_the_xla_forms():
+    x_BHWC = A.normalize(images(b=5, c=2))
+    theta_B, shift_B2 = _params(5, 7.0, 1.0)
+    bound = A.max_offset((28, 28), 7.0, 1.0)
+    g_BHWC = jnp.asarray(np.random.default_rng(1).normal(size=x_BHWC.shape), jnp.float32)
+
+    def loss(x, t, s, f, impl):
+        out = A.affine_warp(x, t, s, fill=f, max_offset=bound, impl=impl)
+        return jnp.sum(out * g_BHWC)
+
+    args = (x_BHWC, theta_B, shift_B2, jnp.float32(BLACK))
+    grads = [jax.grad(loss, argnums=(0, 1, 2, 3))(*args, impl) for impl in ("native", "xla")]
+    for a, b in zip(*grads, strict=True):  # the same vjp, fused otherwise
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_native_warp_nan_and_errors():
+    x_BHWC = A.normalize(images(b=3))
+    theta_B = jnp.asarray([0.1, jnp.nan, 0.0], jnp.float32)
+    out = np.asarray(A.affine_warp(x_BHWC, theta_B, jnp.zeros((3, 2)), impl="native"))
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        A.affine_warp(x_BHWC, theta_B, jnp.zeros((3, 2)), impl="gpu")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        A.augment(jax.random.key(0), x_BHWC, max_rotation_deg=1.0, impl="fast")
+    with pytest.raises(ValueError, match=r"expects cos and sin \(3,\) and shift \(3, 2\)"):
+        native.affine_warp(x_BHWC, theta_B, theta_B, jnp.zeros((2, 2)), 0.0, 1)
+    with pytest.raises(ValueError, match=r"expects float32 \(B, H, W, C\)"):
+        native.affine_warp(x_BHWC[0], theta_B, theta_B, jnp.zeros((3, 2)), 0.0, 1)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        native.affine_warp(x_BHWC, theta_B, theta_B, jnp.zeros((3, 2)), 0.0, -1)

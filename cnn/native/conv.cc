@@ -1528,6 +1528,183 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------ warp
+// cnn_warp: each image rotated and shifted (cnn/augment.py's affine_warp), sampled bilinearly:
+//   v = (i - cy) - sy;  u = (j - cx) - sx;  (cy, cx) = ((H - 1) / 2, (W - 1) / 2)
+//   dy = ((sin u + cos v) + cy) - i;  dx = ((cos u - sin v) + cx) - j
+//   w(d, o) = max(1 - |d - o|, 0);  a = floor(d), b = a + 1 (the two offsets w is not 0 at)
+//   row(o) = w(dx, ax) x[i + o, j + ax] + w(dx, bx) x[i + o, j + bx]
+//   out[b, i, j] = w(dy, ay) row(ay) + w(dy, by) row(by)
+// with x = fill outside the image: the sum over shifted copies that XLA runs for small warps
+// (augment._bilinear_window_BHWC, offsets -window..window), whose other terms have weight 0,
+// written without them, and rounded as XLA's CPU compiler rounds it for one channel (jax 0.10;
+// with more, XLA's loop rounds within 1 ulp of this): LLVM turns
+// each product added to another into a multiply-add, the first operand's product taken in it.
+// So dy's sum is fma(sin, u, cos v), dx's fma(cos, u, -(sin v)), and each two-term sum
+// fma(w_b, x_b, w_a x_a), or fma(w_a, x_a, w_b x_b) where a is the first offset (-window: its
+// product is the first operand; the zero terms before it add nothing). window = 0 (warps
+// beyond the window's reach) takes the second form throughout. cos and sin come from the
+// caller, which computes them as XLA does. A NaN angle or shift gives NaN, as XLA's max does.
+struct WarpRow {
+  float wya, wyb, wxa, wxb;
+  int32_t at;            // the a corner's index in the image padded by 2 on each side
+  bool first_y, first_x;  // a is the first offset
+};
+
+// w_a x_a + w_b x_b, as XLA rounds it (above).
+inline float warp_sum(float wa, float xa, float wb, float xb, bool first) {
+  return first ? std::fma(wa, xa, wb * xb) : std::fma(wb, xb, wa * xa);
+}
+
+__attribute__((optimize("fp-contract=off"))) inline float warp_weight(float d, float o) {
+  const float w = 1.0f - std::fabs(d - o);
+  return w < 0.0f ? 0.0f : w;
+}
+
+// Row or column of the a corner, clamped to [-2, n] (a NaN to -2): beyond, both corners are
+// in the fill border.
+inline int32_t warp_corner(float r, int64_t n) {
+  r = r > -2.0f ? r : -2.0f;
+  r = r < float(n) ? r : float(n);
+  return int32_t(r);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// One row of a one-channel image, 8 columns at a time: warp_image's arithmetic, vectorized.
+__attribute__((optimize("fp-contract=off"))) void warp_row_c1(const float* padded, int64_t H,
+                                                               int64_t W, float fi, float cs,
+                                                               float sn, float sy, float sx,
+                                                               float first, float* out) {
+  const float cy = float(H - 1) * 0.5f, cx = float(W - 1) * 0.5f, v = (fi - cy) - sy;
+  const int32_t Wp = int32_t(W + 4);
+  const __m256 vcs = _mm256_set1_ps(cs), vsn = _mm256_set1_ps(sn),
+               vcv = _mm256_set1_ps(cs * v), vnsv = _mm256_set1_ps(-(sn * v)),
+               vcx = _mm256_set1_ps(cx), vcy = _mm256_set1_ps(cy), vsx = _mm256_set1_ps(sx),
+               vfi = _mm256_set1_ps(fi), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(),
+               vfirst = _mm256_set1_ps(first), lo = _mm256_set1_ps(-2.0f),
+               hy = _mm256_set1_ps(float(H)), hx = _mm256_set1_ps(float(W)),
+               two = _mm256_set1_ps(2.0f), lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+               sign = _mm256_set1_ps(-0.0f);
+  const __m256i vWp = _mm256_set1_epi32(Wp), i1 = _mm256_set1_epi32(1);
+  auto weight = [&](__m256 d, __m256 o) {  // max(1 - |d - o|, 0), NaN kept
+    const __m256 w = _mm256_sub_ps(one, _mm256_andnot_ps(sign, _mm256_sub_ps(d, o)));
+    return _mm256_blendv_ps(w, zero, _mm256_cmp_ps(w, zero, _CMP_LT_OQ));
+  };
+  auto corner = [&](__m256 r, __m256 n) {  // clamped to [-2, n] (NaN: -2), plus the border
+    return _mm256_cvttps_epi32(_mm256_add_ps(_mm256_min_ps(_mm256_max_ps(r, lo), n), two));
+  };
+  auto sum = [](__m256 wa, __m256 xa, __m256 wb, __m256 xb, __m256 first_a) {
+    return _mm256_blendv_ps(_mm256_fmadd_ps(wb, xb, _mm256_mul_ps(wa, xa)),
+                            _mm256_fmadd_ps(wa, xa, _mm256_mul_ps(wb, xb)), first_a);
+  };
+  for (int64_t j0 = 0; j0 < W; j0 += 8) {
+    const __m256 fj = _mm256_add_ps(_mm256_set1_ps(float(j0)), lanes);
+    const __m256 u = _mm256_sub_ps(_mm256_sub_ps(fj, vcx), vsx);
+    const __m256 dy = _mm256_sub_ps(_mm256_add_ps(_mm256_fmadd_ps(vsn, u, vcv), vcy), vfi);
+    const __m256 dx = _mm256_sub_ps(_mm256_add_ps(_mm256_fmadd_ps(vcs, u, vnsv), vcx), fj);
+    const __m256 ay = _mm256_floor_ps(dy), ax = _mm256_floor_ps(dx);
+    const __m256 wya = weight(dy, ay), wyb = weight(dy, _mm256_add_ps(ay, one));
+    const __m256 wxa = weight(dx, ax), wxb = weight(dx, _mm256_add_ps(ax, one));
+    const __m256i at = _mm256_add_epi32(
+        _mm256_mullo_epi32(corner(_mm256_add_ps(ay, vfi), hy), vWp),
+        corner(_mm256_add_ps(ax, fj), hx));
+    const __m256 x00 = _mm256_i32gather_ps(padded, at, 4);
+    const __m256 x01 = _mm256_i32gather_ps(padded, _mm256_add_epi32(at, i1), 4);
+    const __m256i at1 = _mm256_add_epi32(at, vWp);
+    const __m256 x10 = _mm256_i32gather_ps(padded, at1, 4);
+    const __m256 x11 = _mm256_i32gather_ps(padded, _mm256_add_epi32(at1, i1), 4);
+    const __m256 fx = _mm256_cmp_ps(ax, vfirst, _CMP_EQ_OQ);
+    const __m256 fy = _mm256_cmp_ps(ay, vfirst, _CMP_EQ_OQ);
+    const __m256 r = sum(wya, sum(wxa, x00, wxb, x01, fx), wyb, sum(wxa, x10, wxb, x11, fx), fy);
+    if (j0 + 8 <= W) {
+      _mm256_storeu_ps(out + j0, r);
+    } else {
+      alignas(32) float tail[8];
+      _mm256_store_ps(tail, r);
+      std::memcpy(out + j0, tail, sizeof(float) * (W - j0));
+    }
+  }
+}
+#endif
+
+__attribute__((optimize("fp-contract=off"))) void warp_image(const float* x, int64_t H,
+                                                              int64_t W, int64_t C, float cs,
+                                                              float sn, float sy, float sx,
+                                                              float fill, int64_t window,
+                                                              float* out, float* padded,
+                                                              WarpRow* row) {
+  const int64_t Wp = W + 4;
+  std::fill(padded, padded + (H + 4) * Wp * C, fill);
+  for (int64_t i = 0; i < H; ++i)
+    std::memcpy(padded + ((i + 2) * Wp + 2) * C, x + i * W * C, sizeof(float) * W * C);
+  const float first = window ? -float(window) : -INFINITY;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (C == 1 && (H + 4) * Wp < (int64_t(1) << 31)) {
+    for (int64_t i = 0; i < H; ++i)
+      warp_row_c1(padded, H, W, float(i), cs, sn, sy, sx, first, out + i * W);
+    return;
+  }
+#endif
+  const float cy = float(H - 1) * 0.5f, cx = float(W - 1) * 0.5f;
+  for (int64_t i = 0; i < H; ++i) {
+    const float fi = float(i), v = (fi - cy) - sy;
+    const float cv = cs * v, sv = sn * v;
+    for (int64_t j = 0; j < W; ++j) {
+      const float fj = float(j), u = (fj - cx) - sx;
+      const float dy = (std::fma(sn, u, cv) + cy) - fi;
+      const float dx = (std::fma(cs, u, -sv) + cx) - fj;
+      const float ay = std::floor(dy), ax = std::floor(dx);
+      row[j].wya = warp_weight(dy, ay);
+      row[j].wyb = warp_weight(dy, ay + 1.0f);
+      row[j].wxa = warp_weight(dx, ax);
+      row[j].wxb = warp_weight(dx, ax + 1.0f);
+      row[j].first_y = ay == first;
+      row[j].first_x = ax == first;
+      row[j].at = int32_t((warp_corner(ay + fi, H) + 2) * Wp + warp_corner(ax + fj, W) + 2);
+    }
+    float* o = out + i * W * C;
+    for (int64_t j = 0; j < W; ++j) {
+      const WarpRow& r = row[j];
+      const float* p = padded + int64_t(r.at) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const float row_a = warp_sum(r.wxa, p[c], r.wxb, p[C + c], r.first_x);
+        const float row_b = warp_sum(r.wxa, p[Wp * C + c], r.wxb, p[(Wp + 1) * C + c], r.first_x);
+        o[j * C + c] = warp_sum(r.wya, row_a, r.wyb, row_b, r.first_y);
+      }
+    }
+  }
+}
+
+ffi::Error WarpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> cs,
+                    ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> fill,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t window) {
+  const auto d = x.dimensions();
+  if (d.size() != 4 || cs.dimensions().size() != 2 || shift.dimensions().size() != 2 ||
+      cs.dimensions()[0] != d[0] || cs.dimensions()[1] != 2 || shift.dimensions()[0] != d[0] ||
+      shift.dimensions()[1] != 2 || fill.element_count() != 1 ||
+      out->element_count() != x.element_count())
+    return ffi::Error::InvalidArgument(
+        "cnn_warp: expects x (B, H, W, C), cos and sin (B, 2), shift (B, 2), fill (1,)");
+  if (window < 0) return ffi::Error::InvalidArgument("cnn_warp: window must be >= 0");
+  const int64_t B = d[0], H = d[1], W = d[2], C = d[3], n = H * W * C;
+  const float f = fill.typed_data()[0];
+  const float* c2 = cs.typed_data();
+  const float* s2 = shift.typed_data();
+  const int64_t workers = workers_of(pool);
+  Scratch sc(workers);
+  const int64_t s_pad = sc.add((H + 4) * (W + 4) * C),
+                s_row = sc.add((W * sizeof(WarpRow) + sizeof(float) - 1) / sizeof(float));
+  sc.allocate();
+  auto body = [&](int64_t b, int64_t worker) {
+    warp_image(x.typed_data() + b * n, H, W, C, c2[2 * b], c2[2 * b + 1], s2[2 * b],
+               s2[2 * b + 1], f, window, out->typed_data() + b * n, sc.at(s_pad, worker),
+               reinterpret_cast<WarpRow*>(sc.at(s_row, worker)));
+  };
+  parallel_for(pool, B, workers, body);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define CNN_PADS                   \
@@ -1694,3 +1871,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDenseDw, DenseDwImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// x (B, H, W, C), cos and sin (B, 2), shift (B, 2), fill (1,) -> the warped x
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnWarp, WarpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
