@@ -17,11 +17,12 @@ shifted copies of the padded image, each weighted by the bilinear "tent" weights
 exactly zero away from the four corners: one fused elementwise loop (0.4 ms). Otherwise it is
 a flat gather, as fast as ``jax.scipy.ndimage.map_coordinates(order=1)`` (same values).
 On the CPU, ``impl="auto"`` runs float32 one-channel warps as one native call instead
-(``cnn.native.affine_warp``): only the four corners' terms of the shifted-copy sum, rounded as
-XLA rounds that sum, so its output is the same bit for bit where the window applies (the
-gather form rounds the corner weights' products otherwise: within 1e-5 there; with more
-channels XLA rounds within 1 ulp of it, so "auto" keeps XLA's form). Its gradient is the XLA
-form's (recomputed).
+(``cnn.native.affine_warp``): only the four corners' terms of the shifted-copy sum, with the
+multiply-adds XLA's fused loop was measured to contract at 28x28 on AMD Zen 4 and Intel
+Sapphire Rapids, where the two agree bit for bit. How XLA contracts depends on the CPU and the
+width (13 or 21 columns on Sapphire Rapids: up to 6e-6 apart), so the tests hold them within
+1e-5, as the gather form is held. With more channels "auto" keeps XLA's form. The native
+warp's gradient is the XLA form's (recomputed).
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def _window(offset: float | None) -> int:
 def _native_impl(impl: str, x_BHWC) -> bool:
     """Whether impl runs the warp of x natively; ValueError for a bad impl.
 
-    "auto" takes it for float32 one-channel images only: there it rounds as XLA does (tests);
-    with more channels XLA's loop rounds otherwise (to 1 ulp).
+    "auto" takes it for float32 one-channel images only (the case measured bit for bit at
+    28x28; see the module's docstring).
     """
     dtype = x_BHWC.dtype
     if impl not in IMPLS:

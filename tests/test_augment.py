@@ -210,6 +210,11 @@ def _params(b, deg, px, seed=3):
     return theta_B, shift_B2
 
 
+# native vs XLA warps of normalized MNIST-like images (values in [-0.43, 2.83]): both round
+# the same four products; XLA's fused loop contracts them as the CPU's codegen decides.
+WARP_ATOL = 1e-5
+
+
 def _bits(a):
     return np.asarray(a).view(np.int32)
 
@@ -221,12 +226,18 @@ def _bits(a):
         (3.0, 0.5, 28, 28, 1),
         (0.0, 1.0, 28, 28, 1),
         (10.0, 0.0, 9, 13, 1),
+        (7.0, 1.0, 28, 21, 1),
         (7.0, 1.0, 28, 28, 2),
         (5.0, 1.0, 11, 7, 3),
     ],
 )
-def test_native_warp_is_xla_bit_for_bit_in_the_window(deg, px, h, w, c):
-    """The native kernel (C = 1: vectorized; else scalar) rounds as XLA's fused window sum."""
+def test_native_warp_matches_xla_in_the_window(deg, px, h, w, c):
+    """The native kernel (C = 1: vectorized; else scalar) against XLA's fused window sum.
+
+    Within WARP_ATOL: how XLA's loop contracts its multiply-adds depends on the CPU and the width
+    (bit for bit at 28x28 on Zen 4 and Sapphire Rapids; up to 6e-6 apart at 13 or 21 columns on
+    Sapphire Rapids). "auto" runs the native kernel for one channel, bit for bit.
+    """
     b = 67  # not a multiple of the threads' share
     x_BHWC = A.normalize(images(b=b, h=h, w=w, c=c, seed=2))
     theta_B, shift_B2 = _params(b, deg, px)
@@ -238,7 +249,8 @@ def test_native_warp_is_xla_bit_for_bit_in_the_window(deg, px, h, w, c):
 
     xla = jax.jit(functools.partial(warp, impl="xla"))(x_BHWC, theta_B, shift_B2)
     nat = jax.jit(functools.partial(warp, impl="native"))(x_BHWC, theta_B, shift_B2)
-    np.testing.assert_array_equal(_bits(nat), _bits(xla))
+    assert np.any(np.asarray(xla) != BLACK)
+    np.testing.assert_allclose(np.asarray(nat), np.asarray(xla), rtol=0, atol=WARP_ATOL)
     # As training calls it: normalize fused in, the draws inside, "auto" picking the kernel.
     u8 = jnp.asarray(images(b=b, h=h, w=w, c=c, seed=4))
     kw = dict(max_rotation_deg=deg, max_translation_px=px, fill=BLACK)
@@ -248,14 +260,20 @@ def test_native_warp_is_xla_bit_for_bit_in_the_window(deg, px, h, w, c):
 
     for seed in range(3):
         key = jax.random.key(seed)
-        auto = jax.jit(functools.partial(step, impl="auto"))(key, u8)
-        ref = jax.jit(functools.partial(step, impl="xla"))(key, u8)
-        np.testing.assert_array_equal(_bits(auto), _bits(ref))
+        out = {
+            impl: jax.jit(functools.partial(step, impl=impl))(key, u8)
+            for impl in ("auto", "native", "xla")
+        }
+        want = out["native"] if c == 1 else out["xla"]
+        np.testing.assert_array_equal(_bits(out["auto"]), _bits(want))
+        np.testing.assert_allclose(
+            np.asarray(out["native"]), np.asarray(out["xla"]), rtol=0, atol=WARP_ATOL
+        )
 
 
 @pytest.mark.parametrize("shape", [(9, 28, 28, 2), (5, 11, 7, 3)])
 def test_native_warp_with_channels_is_close_and_auto_keeps_xla(shape):
-    """More channels: the scalar kernel, within 1 ulp-ish of XLA's; "auto" keeps XLA's form."""
+    """More channels: the scalar kernel, within WARP_ATOL of XLA's; "auto" keeps XLA's form."""
     x_BHWC = A.normalize(images(*shape, seed=8))
     theta_B, shift_B2 = _params(shape[0], 7.0, 1.0)
     bound = A.max_offset(shape[1:3], 7.0, 1.0)
@@ -263,7 +281,9 @@ def test_native_warp_with_channels_is_close_and_auto_keeps_xla(shape):
         impl: A.affine_warp(x_BHWC, theta_B, shift_B2, fill=BLACK, max_offset=bound, impl=impl)
         for impl in ("native", "xla", "auto")
     }
-    np.testing.assert_allclose(np.asarray(out["native"]), np.asarray(out["xla"]), atol=2e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["native"]), np.asarray(out["xla"]), rtol=0, atol=WARP_ATOL
+    )
     np.testing.assert_array_equal(_bits(out["auto"]), _bits(out["xla"]))
     assert not A._native_impl("auto", x_BHWC) and A._native_impl("auto", x_BHWC[..., :1])
 

@@ -52,6 +52,29 @@ constexpr int64_t kDwGroup = 4;  // images per partial sum of the kernel gradien
 
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 
+#if defined(__AVX512F__)
+// The kernels whose outputs take 16 lanes or more (conv, Winograd, kernel gradient) run on
+// 16-lane vectors where the machine has them: with_lanes. Each lane does what it does in v8.
+typedef float v16 __attribute__((vector_size(64)));
+#endif
+
+// Lanes of a vector type (v8 or v16).
+template <class V>
+constexpr int kLanes = int(sizeof(V) / sizeof(float));
+
+// kLanes<V> floats at p, any alignment.
+template <class V>
+inline V loadv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <class V>
+inline void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
 // f(std::integral_constant<int, NV>{}) for NV in 1..4 8-lane vectors (callers check nv <= 4).
 template <class F>
 void with_vectors(int64_t nv, F&& f) {
@@ -61,6 +84,17 @@ void with_vectors(int64_t nv, F&& f) {
     case 3: return f(std::integral_constant<int, 3>{});
     default: return f(std::integral_constant<int, 4>{});
   }
+}
+
+// f(V{}, std::integral_constant<int, N>{}) for nv 8-lane vectors: as nv / 2 16-lane vectors
+// (the same nv * 8 lanes, side by side) where the machine has AVX-512 and nv is even.
+template <class F>
+void with_lanes(int64_t nv, F&& f) {
+#if defined(__AVX512F__)
+  if (nv == 2) return f(v16{}, std::integral_constant<int, 1>{});
+  if (nv == 4) return f(v16{}, std::integral_constant<int, 2>{});
+#endif
+  with_vectors(nv, [&](auto n) { f(v8{}, n); });
 }
 
 // f(std::integral_constant<int, R>{}) for the runtime count r in 1..N: the tail of a loop in
@@ -308,6 +342,13 @@ inline v8 fma8(v8 a, v8 b, v8 c) {
 #endif
 }
 
+#if defined(__AVX512F__)
+inline v16 relu8(v16 a) { return v16(_mm512_max_ps(__m512(v16{}), __m512(a))); }
+inline v16 fma8(v16 a, v16 b, v16 c) {
+  return v16(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+}
+#endif
+
 // What cnn_conv does to each output vector: add the bias (packed in NV * 8 lanes), then relu;
 // with stats, also add it and its square to the image's sums ([2][NV * 8]). RELU and STATS are
 // compile-time, so the accumulators stay in registers through the epilogue.
@@ -321,6 +362,12 @@ struct Epilogue {
 template <int NV>
 constexpr int kCols = std::max(1, std::min(14, (kRegs - NV - 2) / NV));
 
+#if defined(__AVX512F__)
+inline void store_first(float* p, v16 v, int64_t n) {
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), __m512(v));
+}
+#endif
+
 // The first n (1-7) lanes of v to p.
 inline void store_first(float* p, v8 v, int64_t n) {
 #if defined(__AVX512VL__)
@@ -331,39 +378,40 @@ inline void store_first(float* p, v8 v, int64_t n) {
 }
 
 // The epilogue of XB output columns: bias, relu, stats, then the stores. A ragged last vector
-// is stored whole where 8 lanes fit before yend: its extra lanes land on later pixels'
+// is stored whole where its lanes fit before yend: its extra lanes land on later pixels'
 // outputs, which their own stores write afterwards.
-template <int NV, int XB, bool RELU, bool STATS>
-inline void store_block(const Geometry& g, const Epilogue& e, v8 (&acc)[XB][NV], float* yout,
+template <class V, int NV, int XB, bool RELU, bool STATS>
+inline void store_block(const Geometry& g, const Epilogue& e, V (&acc)[XB][NV], float* yout,
                         const float* yend) {
-  const int64_t O = g.O, full = O / 8, rest = O % 8;  // full vectors of output, lanes after
-  v8 s1[NV], s2[NV];  // the sums, in registers: the output stores may alias e.stats
+  constexpr int L = kLanes<V>;
+  const int64_t O = g.O, full = O / L, rest = O % L;  // full vectors of output, lanes after
+  V s1[NV], s2[NV];  // the sums, in registers: the output stores may alias e.stats
   if (STATS)
     for (int v = 0; v < NV; ++v) {
-      s1[v] = load8(e.stats + v * 8);
-      s2[v] = load8(e.stats + (NV + v) * 8);
+      s1[v] = loadv<V>(e.stats + v * L);
+      s2[v] = loadv<V>(e.stats + (NV + v) * L);
     }
 #pragma GCC unroll 16
   for (int i = 0; i < XB; ++i) {
     float* yo = yout + i * O;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      v8 a = acc[i][v] + load8(e.bias + v * 8);
+      V a = acc[i][v] + loadv<V>(e.bias + v * L);
       if (RELU) a = relu8(a);
       if (STATS) {
         s1[v] += a;
         s2[v] = fma8(a, a, s2[v]);
       }
-      if (v < full || yo + (v + 1) * 8 <= yend)
-        *reinterpret_cast<v8u*>(yo + v * 8) = a;
+      if (v < full || yo + (v + 1) * L <= yend)
+        storev(yo + v * L, a);
       else
-        store_first(yo + v * 8, a, rest);
+        store_first(yo + v * L, a, rest);
     }
   }
   if (STATS)
     for (int v = 0; v < NV; ++v) {
-      *reinterpret_cast<v8u*>(e.stats + v * 8) = s1[v];
-      *reinterpret_cast<v8u*>(e.stats + (NV + v) * 8) = s2[v];
+      storev(e.stats + v * L, s1[v]);
+      storev(e.stats + (NV + v) * L, s2[v]);
     }
 }
 
@@ -376,31 +424,32 @@ std::vector<int64_t> tap_offsets(const Geometry& g) {
   return off;
 }
 
-// XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*8]. One loop
+// XB output columns of one output row; wp is the kernel packed as [KH*KW*C][NV*L]. One loop
 // over the taps (offsets off), in the order (p, q, c): nested loops over p, q and c ran 1.45x
 // slower at 16 channels (3x3x16 -> 8), and worse at 1.
-template <int NV, int XB, bool RELU, bool STATS>
+template <class V, int NV, int XB, bool RELU, bool STATS>
 inline void conv_block(const Geometry& g, const Epilogue& e, const int64_t* off, const float* xin,
                        const float* wp, float* yout, const float* yend) {
-  v8 acc[XB][NV];
+  constexpr int L = kLanes<V>;
+  V acc[XB][NV];
   for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   const int64_t C = g.C, taps = g.KH * g.KW * g.C;
   for (int64_t t = 0; t < taps; ++t) {
     const float* xr = xin + off[t];
-    v8 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load8(wp + (t * NV + v) * 8);
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = loadv<V>(wp + (t * NV + v) * L);
     for (int i = 0; i < XB; ++i) {
       const float s = xr[i * C];
       for (int v = 0; v < NV; ++v) acc[i][v] += s * wv[v];
     }
   }
-  store_block<NV, XB, RELU, STATS>(g, e, acc, yout, yend);
+  store_block<V, NV, XB, RELU, STATS>(g, e, acc, yout, yend);
 }
 
 // Each output row in nb blocks of nearly equal width (at most XB columns): 26 columns run as
 // 13 + 13, not 12 + 12 + 2.
-template <int NV, bool RELU, bool STATS>
+template <class V, int NV, bool RELU, bool STATS>
 void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const float* xin,
                 const float* wp, float* y) {
   constexpr int XB = kCols<NV>;
@@ -412,7 +461,7 @@ void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const 
     for (int64_t k = 0, j = 0; k < nb; ++k) {
       const int64_t n = narrow + (k < wide);  // the first `wide` blocks take one more column
       with_count<XB>(n, [&](auto r) {
-        conv_block<NV, r, RELU, STATS>(g, e, off, xrow + j * g.C, wp, yrow + j * g.O, yend);
+        conv_block<V, NV, r, RELU, STATS>(g, e, off, xrow + j * g.C, wp, yrow + j * g.O, yend);
       });
       j += n;
     }
@@ -420,11 +469,11 @@ void conv_image(const Geometry& g, const Epilogue& e, const int64_t* off, const 
 }
 
 // conv_image with the flags chosen at run time.
-template <int NV>
+template <class V, int NV>
 void conv_image(const Geometry& g, const Epilogue& e, bool relu, const int64_t* off,
                 const float* xin, const float* wp, float* y) {
   with_flags(relu, e.stats != nullptr, [&](auto relu_c, auto stats_c) {
-    conv_image<NV, relu_c, stats_c>(g, e, off, xin, wp, y);
+    conv_image<V, NV, relu_c, stats_c>(g, e, off, xin, wp, y);
   });
 }
 
@@ -435,24 +484,25 @@ void conv_image(const Geometry& g, const Epilogue& e, bool relu, const int64_t* 
 // known to the compiler (fewer registers than eight loaded offsets).
 // db (or nullptr): the bias gradient's NV * 8 lanes, to which g is added pixel by pixel in the
 // same loop, as add_rows would add it.
-template <int NV, int TB, bool Contiguous, bool DB>
+template <class V, int NV, int TB, bool Contiguous, bool DB>
 inline void dw_block(const Geometry& g, const float* xin, const float* gp, const int64_t* off,
                      float* out, float* db) {
-  v8 acc[TB][NV], bacc[NV];
+  constexpr int L = kLanes<V>;
+  V acc[TB][NV], bacc[NV];
   int64_t o[TB];
   for (int k = 0; k < TB; ++k) {
     o[k] = Contiguous ? off[0] + k : off[k];
-    for (int v = 0; v < NV; ++v) acc[k][v] = v8{};
+    for (int v = 0; v < NV; ++v) acc[k][v] = V{};
   }
   if (DB)
-    for (int v = 0; v < NV; ++v) bacc[v] = load8(db + v * 8);
+    for (int v = 0; v < NV; ++v) bacc[v] = loadv<V>(db + v * L);
   const int64_t C = g.C;
   for (int64_t i = 0; i < g.Ho; ++i) {
     const float* xr = xin + i * g.Wp * C;
-    const float* gr = gp + i * g.Wo * NV * 8;
+    const float* gr = gp + i * g.Wo * NV * L;
     for (int64_t j = 0; j < g.Wo; ++j) {
-      v8 gv[NV];
-      for (int v = 0; v < NV; ++v) gv[v] = load8(gr + (j * NV + v) * 8);
+      V gv[NV];
+      for (int v = 0; v < NV; ++v) gv[v] = loadv<V>(gr + (j * NV + v) * L);
       if (DB)
         for (int v = 0; v < NV; ++v) bacc[v] += gv[v];
       const float* xj = xr + j * C + (Contiguous ? o[0] : 0);
@@ -464,16 +514,16 @@ inline void dw_block(const Geometry& g, const float* xin, const float* gp, const
   }
   for (int k = 0; k < TB; ++k)
     for (int v = 0; v < NV; ++v) {
-      float* dst = out + (k * NV + v) * 8;
-      *reinterpret_cast<v8u*>(dst) = load8(dst) + acc[k][v];
+      float* dst = out + (k * NV + v) * L;
+      storev(dst, loadv<V>(dst) + acc[k][v]);
     }
   if (DB)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(db + v * 8) = bacc[v];
+    for (int v = 0; v < NV; ++v) storev(db + v * L, bacc[v]);
 }
 
 // The taps in nb blocks of nearly equal size (at most TB each: one block for a 3x3 kernel on
 // one channel, whose 9 accumulators then run side by side); db goes with the first block.
-template <int NV>
+template <class V, int NV>
 void dw_image(const Geometry& g, const int64_t* off, const float* xin, const float* gp,
               float* part, float* db) {
   constexpr int TB = std::max(1, std::min(NV == 1 ? 9 : 8, (kRegs - NV - 2) / NV));
@@ -482,14 +532,14 @@ void dw_image(const Geometry& g, const int64_t* off, const float* xin, const flo
   for (int64_t k = 0, t = 0; k < nb; ++k) {
     const int64_t n = narrow + (k < wide);
     with_count<TB>(n, [&](auto r) {
-      float* out = part + t * NV * 8;
+      float* out = part + t * NV * kLanes<V>;
       const bool contiguous = off[t + r - 1] == off[t] + r - 1;
       if (k == 0 && db) {
-        if (contiguous) return dw_block<NV, r, true, true>(g, xin, gp, &off[t], out, db);
-        return dw_block<NV, r, false, true>(g, xin, gp, &off[t], out, db);
+        if (contiguous) return dw_block<V, NV, r, true, true>(g, xin, gp, &off[t], out, db);
+        return dw_block<V, NV, r, false, true>(g, xin, gp, &off[t], out, db);
       }
-      if (contiguous) return dw_block<NV, r, true, false>(g, xin, gp, &off[t], out, nullptr);
-      dw_block<NV, r, false, false>(g, xin, gp, &off[t], out, nullptr);
+      if (contiguous) return dw_block<V, NV, r, true, false>(g, xin, gp, &off[t], out, nullptr);
+      dw_block<V, NV, r, false, false>(g, xin, gp, &off[t], out, nullptr);
     });
     t += n;
   }
@@ -563,21 +613,22 @@ inline void winograd_rows(const v8 (&u)[4][4], float* V, int64_t stride) {
 }
 
 // M[k][NV * 8] = sum_c V[k][c] * U[c][NV * 8] for the XB tiles k of a block (V rows Cp apart).
-template <int NV, int XB>
+template <class Vec, int NV, int XB>
 inline void winograd_product(const float* V, int64_t Cp, int64_t C, const float* U, float* M) {
-  v8 acc[XB][NV];
+  constexpr int L = kLanes<Vec>;
+  Vec acc[XB][NV];
   for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = v8{};
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec{};
   for (int64_t c = 0; c < C; ++c) {
-    v8 uv[NV];
-    for (int v = 0; v < NV; ++v) uv[v] = load8(U + (c * NV + v) * 8);
+    Vec uv[NV];
+    for (int v = 0; v < NV; ++v) uv[v] = loadv<Vec>(U + (c * NV + v) * L);
     for (int i = 0; i < XB; ++i) {
       const float s = V[i * Cp + c];
       for (int v = 0; v < NV; ++v) acc[i][v] += s * uv[v];
     }
   }
   for (int i = 0; i < XB; ++i)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<v8u*>(M + (i * NV + v) * 8) = acc[i][v];
+    for (int v = 0; v < NV; ++v) storev(M + (i * NV + v) * L, acc[i][v]);
 }
 
 // Floats of scratch winograd_image needs: V and M for a block of kCols<1> tiles, the most.
@@ -588,21 +639,21 @@ int64_t winograd_scratch(const Geometry& g) {
 
 // One image: xin padded (Hp = Ho + 2, Wp = Wo + 2), U from winograd_kernel, work: scratch of
 // winograd_scratch(g) floats.
-template <int NV, bool RELU, bool STATS>
+template <class Vo, int NV, bool RELU, bool STATS>
 void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, const float* U,
                     float* y, float* work) {
-  constexpr int XB = kCols<NV>;
-  const int64_t C = g.C, Cp = (C + 7) / 8 * 8, O = g.O, full = O / 8, rest = O % 8;
+  constexpr int XB = kCols<NV>, L = kLanes<Vo>;  // the output's vectors: NV of L lanes
+  const int64_t C = g.C, Cp = (C + 7) / 8 * 8, O = g.O, full = O / L, rest = O % L;
   const int64_t tw = g.Wo / 2, tiles = g.Ho / 2 * tw, row = g.Wp * C;
   const int64_t nb = (tiles + XB - 1) / XB, narrow = tiles / nb, wide = tiles % nb;
   float* V = work;                 // [16][XB][Cp]
-  float* M = work + 16 * XB * Cp;  // [16][XB][NV * 8]
-  v8 s1[NV], s2[NV], bias[NV];
+  float* M = work + 16 * XB * Cp;  // [16][XB][NV * L]
+  Vo s1[NV], s2[NV], bias[NV];
   for (int v = 0; v < NV; ++v) {
-    bias[v] = load8(e.bias + v * 8);
+    bias[v] = loadv<Vo>(e.bias + v * L);
     if (STATS) {
-      s1[v] = load8(e.stats + v * 8);
-      s2[v] = load8(e.stats + (NV + v) * 8);
+      s1[v] = loadv<Vo>(e.stats + v * L);
+      s2[v] = loadv<Vo>(e.stats + (NV + v) * L);
     }
   }
   for (int64_t b = 0, t0 = 0; b < nb; ++b) {
@@ -628,37 +679,37 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
     }
     with_count<XB>(n, [&](auto r) {
       for (int xi = 0; xi < 16; ++xi)
-        winograd_product<NV, r>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * 8,
-                                M + xi * XB * NV * 8);
+        winograd_product<Vo, NV, r>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * L,
+                                    M + xi * XB * NV * L);
     });
     for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
       if (k > 0 && tj == 0) ++ti;
       float* yo = y + (2 * ti * g.Wo + 2 * tj) * O;
       for (int v = 0; v < NV; ++v) {
-        const float* m = M + (k * NV + v) * 8;
-        const int64_t xs = XB * NV * 8;  // between places xi
-        v8 t[2][4];
+        const float* m = M + (k * NV + v) * L;
+        const int64_t xs = XB * NV * L;  // between places xi
+        Vo t[2][4];
         for (int j = 0; j < 4; ++j) {
-          const v8 m0 = load8(m + j * xs), m1 = load8(m + (4 + j) * xs);
-          const v8 m2 = load8(m + (8 + j) * xs), m3 = load8(m + (12 + j) * xs);
+          const Vo m0 = loadv<Vo>(m + j * xs), m1 = loadv<Vo>(m + (4 + j) * xs);
+          const Vo m2 = loadv<Vo>(m + (8 + j) * xs), m3 = loadv<Vo>(m + (12 + j) * xs);
           t[0][j] = m0 + m1 + m2;
           t[1][j] = m1 - m2 - m3;
         }
-        v8 out[4];
+        Vo out[4];
         for (int i = 0; i < 2; ++i) {
           out[2 * i] = t[i][0] + t[i][1] + t[i][2];
           out[2 * i + 1] = t[i][1] - t[i][2] - t[i][3];
         }
         for (int q = 0; q < 4; ++q) {
-          v8 a = out[q] + bias[v];
+          Vo a = out[q] + bias[v];
           if (RELU) a = relu8(a);
           if (STATS) {
             s1[v] += a;
             s2[v] = fma8(a, a, s2[v]);
           }
-          float* dst = yo + ((q / 2) * g.Wo + q % 2) * O + v * 8;
+          float* dst = yo + ((q / 2) * g.Wo + q % 2) * O + v * L;
           if (v < full)
-            *reinterpret_cast<v8u*>(dst) = a;
+            storev(dst, a);
           else
             store_first(dst, a, rest);
         }
@@ -668,16 +719,16 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
   }
   if (STATS)
     for (int v = 0; v < NV; ++v) {
-      *reinterpret_cast<v8u*>(e.stats + v * 8) = s1[v];
-      *reinterpret_cast<v8u*>(e.stats + (NV + v) * 8) = s2[v];
+      storev(e.stats + v * L, s1[v]);
+      storev(e.stats + (NV + v) * L, s2[v]);
     }
 }
 
-template <int NV>
+template <class Vo, int NV>
 void winograd_image(const Geometry& g, const Epilogue& e, bool relu, const float* xin,
                     const float* U, float* y, float* work) {
   with_flags(relu, e.stats != nullptr, [&](auto relu_c, auto stats_c) {
-    winograd_image<NV, relu_c, stats_c>(g, e, xin, U, y, work);
+    winograd_image<Vo, NV, relu_c, stats_c>(g, e, xin, U, y, work);
   });
 }
 
@@ -707,12 +758,17 @@ struct ConvPlan {
   void image(float* sums, bool relu, const float* xin, float* y, float* work) const {
     const Epilogue e{bp.data(), sums};
     if (wino && nv == 1)
-      winograd_image<1>(g, e, relu, xin, wp.data(), y, work);
+      winograd_image<v8, 1>(g, e, relu, xin, wp.data(), y, work);
+#if defined(__AVX512F__)
     else if (wino)
-      winograd_image<2>(g, e, relu, xin, wp.data(), y, work);
+      winograd_image<v16, 1>(g, e, relu, xin, wp.data(), y, work);
+#else
+    else if (wino)
+      winograd_image<v8, 2>(g, e, relu, xin, wp.data(), y, work);
+#endif
     else
-      with_vectors(nv, [&](auto nv_c) {
-        conv_image<nv_c>(g, e, relu, off.data(), xin, wp.data(), y);
+      with_lanes(nv, [&](auto v, auto nv_c) {
+        conv_image<decltype(v), nv_c>(g, e, relu, off.data(), xin, wp.data(), y);
       });
   }
 };
@@ -738,7 +794,9 @@ struct DwPlan {
   float* db_part_of(int64_t group) { return part_of(group) + dw_size; }
   // One image's sums into its group's: xin padded as g says, gp its gradient in nv * 8 lanes.
   void image(const float* xin, const float* gp, float* part_g, float* db_part) const {
-    with_vectors(nv, [&](auto nv_c) { dw_image<nv_c>(g, off.data(), xin, gp, part_g, db_part); });
+    with_lanes(nv, [&](auto v, auto nv_c) {
+      dw_image<decltype(v), nv_c>(g, off.data(), xin, gp, part_g, db_part);
+    });
   }
   // The groups' sums, in group order: dw (KH, KW, C, O) and n_db values of db. Each output's
   // sum runs over the groups in order, 8 outputs side by side in a vector's lanes.
@@ -1538,8 +1596,9 @@ ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
 //   out[b, i, j] = w(dy, ay) row(ay) + w(dy, by) row(by)
 // with x = fill outside the image: the sum over shifted copies that XLA runs for small warps
 // (augment._bilinear_window_BHWC, offsets -window..window), whose other terms have weight 0,
-// written without them, and rounded as XLA's CPU compiler rounds it for one channel (jax 0.10;
-// with more, XLA's loop rounds within 1 ulp of this): LLVM turns
+// written without them, and rounded as XLA's CPU compiler was measured to round it for one
+// channel at 28x28 (jax 0.10, on Zen 4 and Sapphire Rapids; other widths and CPUs may contract
+// otherwise, within 1e-5: tests/test_augment.py): LLVM turns
 // each product added to another into a multiply-add, the first operand's product taken in it.
 // So dy's sum is fma(sin, u, cos v), dx's fma(cos, u, -(sin v)), and each two-term sum
 // fma(w_b, x_b, w_a x_a), or fma(w_a, x_a, w_b x_b) where a is the first offset (-window: its
