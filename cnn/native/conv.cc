@@ -90,11 +90,17 @@ void with_vectors(int64_t nv, F&& f) {
 // (the same nv * 8 lanes, side by side) where the machine has AVX-512 and nv is even.
 template <class F>
 void with_lanes(int64_t nv, F&& f) {
+  using std::integral_constant;
 #if defined(__AVX512F__)
-  if (nv == 2) return f(v16{}, std::integral_constant<int, 1>{});
-  if (nv == 4) return f(v16{}, std::integral_constant<int, 2>{});
-#endif
+  switch (nv) {
+    case 1: return f(v8{}, integral_constant<int, 1>{});
+    case 2: return f(v16{}, integral_constant<int, 1>{});
+    case 3: return f(v8{}, integral_constant<int, 3>{});
+    default: return f(v16{}, integral_constant<int, 2>{});
+  }
+#else
   with_vectors(nv, [&](auto n) { f(v8{}, n); });
+#endif
 }
 
 // f(std::integral_constant<int, R>{}) for the runtime count r in 1..N: the tail of a loop in
@@ -612,10 +618,13 @@ inline void winograd_rows(const v8 (&u)[4][4], float* V, int64_t stride) {
   }
 }
 
-// M[k][NV * 8] = sum_c V[k][c] * U[c][NV * 8] for the XB tiles k of a block (V rows Cp apart).
-template <class Vec, int NV, int XB>
-inline void winograd_product(const float* V, int64_t Cp, int64_t C, const float* U, float* M) {
+// M[k][NV * L] = sum_c V[k][c] * U[c][NV * L] for the XB tiles k of a block (V rows Cp apart).
+// CC: C (= Cp) known at compile time (8 or 16: the rows' addresses are then immediate offsets
+// from one register, not 14 registers spilled to the stack), or 0.
+template <class Vec, int NV, int XB, int CC>
+inline void winograd_product(const float* V, int64_t Cp_, int64_t C_, const float* U, float* M) {
   constexpr int L = kLanes<Vec>;
+  const int64_t Cp = CC ? CC : Cp_, C = CC ? CC : C_;
   Vec acc[XB][NV];
   for (int i = 0; i < XB; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = Vec{};
@@ -678,9 +687,14 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
       }
     }
     with_count<XB>(n, [&](auto r) {
-      for (int xi = 0; xi < 16; ++xi)
-        winograd_product<Vo, NV, r>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * L,
-                                    M + xi * XB * NV * L);
+      auto product = [&](auto cc) {
+        for (int xi = 0; xi < 16; ++xi)
+          winograd_product<Vo, NV, r, cc>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * L,
+                                           M + xi * XB * NV * L);
+      };
+      if (C == 16) return product(std::integral_constant<int, 16>{});
+      if (C == 8) return product(std::integral_constant<int, 8>{});
+      product(std::integral_constant<int, 0>{});
     });
     for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
       if (k > 0 && tj == 0) ++ti;
