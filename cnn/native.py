@@ -24,7 +24,7 @@ reads the conv's output in cache, and the gradient in it is never written.
 (`cnn.optim`).
 
 The library is compiled from `native/conv.cc` by the machine's C++ compiler on first use (`-O3
--march=native`, a few seconds) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
+-march=native`, 20-40 s on 2 cores) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
 compiler, the flags and the CPU. `unavailable_reason()` says why it cannot be used, if so
 (no compiler, a failed build, another backend, or `CNN_NATIVE=0` in the environment).
 """
