@@ -713,18 +713,15 @@ def conv2d_relu_conv1x1(
         raise ValueError(
             f"conv2d_relu_conv1x1: b1x1 must have shape ({c_out},), got {tuple(b1x1_O.shape)}"
         )
-    no_pad, one = ((0, 0), (0, 0)), (1, 1)
-    chosen2 = impl
-    if impl == "auto":
-        chosen2 = choose_conv_impl(
-            out_hw, one, one, no_pad, one, out_hw, channels=(c_mid, c_out), dtype=x_BHWC.dtype
-        )
+    # the 1x1's plan, as conv2d would make it, on a stand-in for the conv's output (zero strides)
+    a_BHWO = np.broadcast_to(np.zeros((), x_BHWC.dtype), (x_BHWC.shape[0], *out_hw, c_mid))
+    chosen2, *_, dense2 = _conv_plan(a_BHWO, w1x1_HWIO, b1x1_O, 1, "VALID", 1, 1, impl)
     fused = (
         chosen == chosen2 == "native"
         and not dense
-        and not native.supports_dense(one, out_hw, c_out, one, 1, no_pad, x_BHWC.dtype)
+        and not dense2
         and native.available()
-        and native.supports_conv_pw(x_BHWC.shape[3], c_mid, w1x1_HWIO.shape[3], x_BHWC.dtype)
+        and native.supports_conv_pw(x_BHWC.shape[3], c_mid, c_out, x_BHWC.dtype)
     )
     if not fused:
         a_BHWO = conv2d(x_BHWC, w_HWIO, b_O, padding=padding, impl=impl, activation="relu")
