@@ -26,6 +26,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1780,178 +1781,95 @@ ffi::Error WarpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-#define CNN_PADS                   \
-  .Attr<int64_t>("pad_top")        \
-      .Attr<int64_t>("pad_bottom") \
-      .Attr<int64_t>("pad_left")   \
-      .Attr<int64_t>("pad_right")
+namespace {
+
+// The handlers' bindings, read off each implementation's signature (bind_params): the thread
+// pool, then its operands (ffi::Buffer) and results (ffi::ResultBuffer) in order, then its
+// attributes, whose names the handler gives in order.
+template <class T>
+struct IsBuffer : std::false_type {};
+template <ffi::DataType D, size_t R>
+struct IsBuffer<ffi::Buffer<D, R>> : std::true_type {};
+template <class T>
+struct IsResult : std::false_type {};
+template <class T>
+struct IsResult<ffi::Result<T>> : std::true_type {
+  using Inner = T;
+};
+template <class T>
+constexpr bool kIsAttr =
+    !std::is_same_v<T, ffi::ThreadPool> && !IsBuffer<T>::value && !IsResult<T>::value;
+
+// binding with P added (the thread pool as the context, an operand, a result, or the attribute
+// named *names). Bindings cannot be copied or moved: each step returns a new one, held by
+// reference (a temporary's lifetime extended) until the next.
+template <class P, class B>
+auto add_param(B& binding, const char* const* names) {
+  if constexpr (std::is_same_v<P, ffi::ThreadPool>)
+    return std::move(binding).template Ctx<ffi::ThreadPool>();
+  else if constexpr (IsBuffer<P>::value)
+    return std::move(binding).template Arg<P>();
+  else if constexpr (IsResult<P>::value)
+    return std::move(binding).template Ret<typename IsResult<P>::Inner>();
+  else
+    return std::move(binding).template Attr<P>(*names);
+}
+
+template <class B, class P, class... Ps>
+auto bind_params(B& binding, const char* const* names, std::tuple<P, Ps...>*) {
+  if constexpr (sizeof...(Ps) == 0) {
+    return add_param<P>(binding, names);
+  } else {
+    auto&& next = add_param<P>(binding, names);
+    return bind_params(next, names + kIsAttr<P>, static_cast<std::tuple<Ps...>*>(nullptr));
+  }
+}
+
+// impl's binding; `names` names its attributes, one each, in order.
+template <class... Ps, class... Names>
+auto binding_of(ffi::Error (*)(Ps...), Names... names) {
+  static_assert((int(kIsAttr<Ps>) + ... + 0) == sizeof...(Names), "one name per attribute");
+  const char* const list[] = {names..., nullptr};
+  auto&& start = ffi::Ffi::Bind();
+  return bind_params(start, list, static_cast<std::tuple<Ps...>*>(nullptr));
+}
+
+}  // namespace
+
+#define CNN_PADS "pad_top", "pad_bottom", "pad_left", "pad_right"
 
 // x, w, bias, mask source, terms -> y, per-image sums of y and y^2 (B, 2, O; with stats)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
-                                  .Attr<bool>("relu")
-                                  .Attr<bool>("mask")
-                                  .Attr<bool>("stats")
-                                  .Attr<bool>("terms"));
+                              binding_of(ConvImpl, CNN_PADS, "relu", "mask", "stats", "terms"));
 // x, g, mask source, terms -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
-                                  .Attr<bool>("mask")
-                                  .Attr<bool>("bias")
-                                  .Attr<bool>("swap")
-                                  .Attr<bool>("terms"));
-
+                              binding_of(ConvDwImpl, CNN_PADS, "mask", "bias", "swap", "terms"));
 // a, inv, shift -> pooled, place of each window's maximum
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl, binding_of(BnPoolImpl, "kh", "kw"));
 // pooled gradient, places, a, mean -> per-image sums (B, 2, C)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolSums, BnPoolSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw"));
+                              binding_of(BnPoolSumsImpl, "kh", "kw"));
 // pooled gradient, places, a, inv, c1, c2, row weights -> the gradient in a
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw"));
-
+                              binding_of(BnPoolGradImpl, "kh", "kw"));
 // x, flipped kernel, a, pooled gradient, places, inv, c1, c2, row weights -> dx, dw, db (zeros
 // unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPoolGrads, ConvPoolGradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<bool>("bias"));
-
+                              binding_of(ConvPoolGradsImpl, CNN_PADS, "kh", "kw", "bias"));
 // x, w, b, w2, b2 -> y = relu(a @ w2 + b2), a = relu(conv(x, w) + b)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPw, ConvPwImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPw, ConvPwImpl, binding_of(ConvPwImpl, CNN_PADS));
 // x, flipped kernel, w2^T, y, a, y's gradient -> dx (input_grad), or dw, db, dw2 (transposed
 // with swap), db2
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvPwGrads, ConvPwGradsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CNN_PADS
-                                  .Attr<bool>("input_grad")
-                                  .Attr<bool>("swap"));
-
+                              binding_of(ConvPwGradsImpl, CNN_PADS, "input_grad", "swap"));
 // g, mu, nu, bias corrections -> update, mu, nu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnAdam, AdamImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("b1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("c1")
-                                  .Attr<float>("c2")
-                                  .Attr<float>("eps"));
-
+                              binding_of(AdamImpl, "b1", "b2", "c1", "c2", "eps"));
 // x (B, K), w (K, O) -> y (B, O)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDense, DenseImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDense, DenseImpl, binding_of(DenseImpl));
 // g (B, O), w (K, O) -> dx (B, K)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDenseDx, DenseDxImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDenseDx, DenseDxImpl, binding_of(DenseDxImpl));
 // x (B, K), g (B, O) -> dw (K, O)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDenseDw, DenseDwImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnDenseDw, DenseDwImpl, binding_of(DenseDwImpl));
 // x (B, H, W, C), cos and sin (B, 2), shift (B, 2), fill (1,) -> the warped x
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnWarp, WarpImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnWarp, WarpImpl, binding_of(WarpImpl, "window"));
