@@ -51,8 +51,6 @@ constexpr int kRegs = 16;
 
 constexpr int64_t kDwGroup = 4;  // images per partial sum of the kernel gradient
 
-inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
-
 #if defined(__AVX512F__)
 // The kernels whose outputs take 16 lanes or more (conv, Winograd, kernel gradient) run on
 // 16-lane vectors where the machine has them: with_lanes. Each lane does what it does in v8.
@@ -71,6 +69,8 @@ inline V loadv(const float* p) {
   return v;
 }
 
+inline v8 load8(const float* p) { return loadv<v8>(p); }
+
 template <class V>
 inline void storev(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
@@ -87,21 +87,33 @@ void with_vectors(int64_t nv, F&& f) {
   }
 }
 
-// f(V{}, std::integral_constant<int, N>{}) for nv 8-lane vectors: as nv / 2 16-lane vectors
-// (the same nv * 8 lanes, side by side) where the machine has AVX-512 and nv is even.
-template <class F>
+// f(V{}, std::integral_constant<int, N>{}) for nv (1..MaxNV) 8-lane vectors: as nv / 2 16-lane
+// vectors (the same nv * 8 lanes, side by side) where the machine has AVX-512 and nv is even.
+// MaxNV 2 (the Winograd kernels' outputs) leaves the wider kernels uninstantiated.
+template <int MaxNV = 4, class F>
 void with_lanes(int64_t nv, F&& f) {
+  static_assert(MaxNV == 2 || MaxNV == 4);
   using std::integral_constant;
+  if constexpr (MaxNV == 2) {
 #if defined(__AVX512F__)
-  switch (nv) {
-    case 1: return f(v8{}, integral_constant<int, 1>{});
-    case 2: return f(v16{}, integral_constant<int, 1>{});
-    case 3: return f(v8{}, integral_constant<int, 3>{});
-    default: return f(v16{}, integral_constant<int, 2>{});
-  }
+    if (nv == 2) return f(v16{}, integral_constant<int, 1>{});
+    return f(v8{}, integral_constant<int, 1>{});
 #else
-  with_vectors(nv, [&](auto n) { f(v8{}, n); });
+    if (nv == 2) return f(v8{}, integral_constant<int, 2>{});
+    return f(v8{}, integral_constant<int, 1>{});
 #endif
+  } else {
+#if defined(__AVX512F__)
+    switch (nv) {
+      case 1: return f(v8{}, integral_constant<int, 1>{});
+      case 2: return f(v16{}, integral_constant<int, 1>{});
+      case 3: return f(v8{}, integral_constant<int, 3>{});
+      default: return f(v16{}, integral_constant<int, 2>{});
+    }
+#else
+    with_vectors(nv, [&](auto n) { f(v8{}, n); });
+#endif
+  }
 }
 
 // f(std::integral_constant<int, R>{}) for the runtime count r in 1..N: the tail of a loop in
@@ -332,7 +344,7 @@ const float* prepared_image(const Geometry& g, const float* x, const float* m, c
 
 // relu as jnp.maximum(y, 0) gives it: NaN stays NaN and -0 stays -0 (vmaxps returns its second
 // operand when either is NaN or both are zeros); one instruction instead of a compare and a mask.
-inline v8 relu8(v8 a) {
+inline v8 vrelu(v8 a) {
 #if defined(__AVX__)
   return v8(_mm256_max_ps(__m256(v8{}), __m256(a)));
 #else
@@ -341,7 +353,7 @@ inline v8 relu8(v8 a) {
 }
 
 // a * b + c rounded once, whatever the compiler would contract.
-inline v8 fma8(v8 a, v8 b, v8 c) {
+inline v8 vfma(v8 a, v8 b, v8 c) {
 #if defined(__FMA__)
   return v8(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
 #else
@@ -350,8 +362,8 @@ inline v8 fma8(v8 a, v8 b, v8 c) {
 }
 
 #if defined(__AVX512F__)
-inline v16 relu8(v16 a) { return v16(_mm512_max_ps(__m512(v16{}), __m512(a))); }
-inline v16 fma8(v16 a, v16 b, v16 c) {
+inline v16 vrelu(v16 a) { return v16(_mm512_max_ps(__m512(v16{}), __m512(a))); }
+inline v16 vfma(v16 a, v16 b, v16 c) {
   return v16(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
 }
 #endif
@@ -404,10 +416,10 @@ inline void store_block(const Geometry& g, const Epilogue& e, V (&acc)[XB][NV], 
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       V a = acc[i][v] + loadv<V>(e.bias + v * L);
-      if (RELU) a = relu8(a);
+      if (RELU) a = vrelu(a);
       if (STATS) {
         s1[v] += a;
-        s2[v] = fma8(a, a, s2[v]);
+        s2[v] = vfma(a, a, s2[v]);
       }
       if (v < full || yo + (v + 1) * L <= yend)
         storev(yo + v * L, a);
@@ -717,10 +729,10 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
         }
         for (int q = 0; q < 4; ++q) {
           Vo a = out[q] + bias[v];
-          if (RELU) a = relu8(a);
+          if (RELU) a = vrelu(a);
           if (STATS) {
             s1[v] += a;
-            s2[v] = fma8(a, a, s2[v]);
+            s2[v] = vfma(a, a, s2[v]);
           }
           float* dst = yo + ((q / 2) * g.Wo + q % 2) * O + v * L;
           if (v < full)
@@ -772,15 +784,10 @@ struct ConvPlan {
   // One image: xin padded as g says, y its output; sums: the image's ([2][nv * 8]) or nullptr.
   void image(float* sums, bool relu, const float* xin, float* y, float* work) const {
     const Epilogue e{bp.data(), sums};
-    if (wino && nv == 1)
-      winograd_image<v8, 1>(g, e, relu, xin, wp.data(), y, work);
-#if defined(__AVX512F__)
-    else if (wino)
-      winograd_image<v16, 1>(g, e, relu, xin, wp.data(), y, work);
-#else
-    else if (wino)
-      winograd_image<v8, 2>(g, e, relu, xin, wp.data(), y, work);
-#endif
+    if (wino)  // at most 16 outputs
+      with_lanes<2>(nv, [&](auto v, auto nv_c) {
+        winograd_image<decltype(v), nv_c>(g, e, relu, xin, wp.data(), y, work);
+      });
     else
       with_lanes(nv, [&](auto v, auto nv_c) {
         conv_image<decltype(v), nv_c>(g, e, relu, off.data(), xin, wp.data(), y);
