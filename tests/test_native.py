@@ -54,7 +54,9 @@ def _native_loaded():
 # lanes), ragged channel counts, widths that leave every column-block tail, one input channel,
 # asymmetric and full (k - 1) padding, a batch of 7 shared among the threads, and the shapes of
 # the configs' layers. 3x3 kernels with an even output and 4-16 input channels (either way)
-# run Winograd F(2x2, 3x3): tiles of 2x2 outputs, blocks of them spanning rows (8x4 below).
+# run Winograd F(2x2, 3x3): tiles of 2x2 outputs, blocks of them spanning rows (8x4 below);
+# so do their kernel gradients with 8 or 16 input channels (16x16 in 5x5 tiles: blocks end
+# mid-row; 8 -> 5: a ragged vector).
 CASES = [
     (1, 5, 5, 1, (3, 3), 1, ((0, 0), (0, 0))),
     (3, 7, 9, 1, (3, 3), 8, ((0, 0), (0, 0))),
@@ -72,6 +74,7 @@ CASES = [
     (4, 28, 28, 1, (3, 3), 8, ((0, 0), (0, 0))),
     (4, 26, 26, 8, (3, 3), 16, ((0, 0), (0, 0))),
     (3, 8, 6, 4, (3, 3), 12, ((1, 1), (0, 0))),
+    (3, 6, 8, 8, (3, 3), 5, ((1, 1), (0, 0))),
 ]
 
 
