@@ -188,8 +188,9 @@ def conv2d(
     "native" (`cnn.native`, CPU) also needs float32, at most 32 channels in and out, no
     dilation and padding of at most k - 1, or a kernel that covers the unpadded input (then
     any channels in, at most 32 out: `native.dense`); it is reverse-mode only too. Its 3x3
-    kernels with an even output and 4-16 channels run Winograd F(2x2, 3x3): equal up to
-    float32 rounding (an inf in x can come out as NaN, from inf - inf in a transform).
+    kernels with an even output and 4-16 channels run Winograd F(2x2, 3x3), and their kernel
+    gradients too with 8 or 16 channels in: equal up to float32 rounding (an inf in x can
+    come out as NaN, from inf - inf in a transform).
     """
     impl, st, dil, pads, out_hw, dense = _conv_plan(
         x_BHWC, w_HWIO, b_O, stride, padding, dilation, groups, impl

@@ -24,7 +24,7 @@ reads the conv's output in cache, and the gradient in it is never written.
 (`cnn.optim`).
 
 The library is compiled from `native/conv.cc` by the machine's C++ compiler on first use (`-O3
--march=native`, 20-40 s on 2 cores) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
+-march=native`, 20-50 s on 2 cores) and cached in `$CNN_CACHE_DIR/native`, keyed by the source, the
 compiler, the flags and the CPU. `unavailable_reason()` says why it cannot be used, if so
 (no compiler, a failed build, another backend, or `CNN_NATIVE=0` in the environment).
 """
@@ -261,8 +261,9 @@ def conv(
     """Stride-1 float32 convolution, pads ((top, bottom), (left, right)), each at most k - 1;
     plus the bias b_O, then relu if asked. stats=True returns (y, sums_B2O): each image's sum
     of y and of y * y per channel, taken as y is written (batch norm's statistics).
-    3x3 kernels with an even output and 4-16 channels each way run as Winograd F(2x2, 3x3):
-    equal to lax within float32 rounding (tests/test_native.py), not bit for bit; an inf in x
+    3x3 kernels with an even output and 4-16 channels each way run as Winograd F(2x2, 3x3),
+    and so do their kernel gradients with 8 or 16 channels in: equal to lax within float32
+    rounding (tests/test_native.py), not bit for bit; an inf in x
     can come out as NaN (inf - inf in a transform)."""
     require()
     y_BHWO, sums_B2O = _conv(x_BHWC, w_HWIO, b_O, pads, relu, stats)

@@ -15,7 +15,8 @@
 // AVX-512 ymm registers, NEON pairs), several output columns at a time; images are shared among
 // XLA's intra-op threads. A 3x3 cnn_conv with an even output and 4-16 channels each way runs
 // Winograd F(2x2, 3x3) instead (winograd_image): 2.25x fewer multiplies, measured 1.1-1.6x
-// faster per image. cnn_conv_pool_grads (below cnn_bn_pool_grad) takes both gradients of a
+// faster per image; so does its kernel gradient with 8 or 16 input channels
+// (winograd_dw_image). cnn_conv_pool_grads (below cnn_bn_pool_grad) takes both gradients of a
 // relu'd conv under batch norm and a max pool at once; cnn_conv_pw and cnn_conv_pw_grads run a
 // relu'd conv and a relu'd 1x1 conv after it as one call each way.
 #include <algorithm>
