@@ -263,8 +263,8 @@ def conv(
     of y and of y * y per channel, taken as y is written (batch norm's statistics).
     3x3 kernels with an even output and 4-16 channels each way run as Winograd F(2x2, 3x3),
     and so do their kernel gradients with 8 or 16 channels in: equal to lax within float32
-    rounding (tests/test_native.py), not bit for bit; an inf in x
-    can come out as NaN (inf - inf in a transform)."""
+    rounding (tests/test_native.py), not bit for bit; an inf in x can come out as NaN (inf -
+    inf in a transform)."""
     require()
     y_BHWO, sums_B2O = _conv(x_BHWC, w_HWIO, b_O, pads, relu, stats)
     return (y_BHWO, sums_B2O) if stats else y_BHWO

@@ -833,13 +833,13 @@ inline void each_place(F&& f) {
   each_place(f, std::make_integer_sequence<int, 16>{});
 }
 
-// One image's sums into part[xi][C][NV * L]: xin padded as g says, gp its gradient (rows `grow` floats apart, pixels NV * L); db (or
-// nullptr) as dw_block adds it, pixel by pixel.
+// One image's sums into part[xi][C][NV * L]: xin padded as g says, gp its gradient (rows
+// `grow` floats apart, pixels NV * L); db (or nullptr) as dw_block adds it, pixel by pixel.
 template <class Vec, int NV>
 void winograd_dw_image(const Geometry& g, const float* xin, const float* gp, int64_t grow,
                        float* part, float* db, float* work) {
   constexpr int L = kLanes<Vec>, XB = kWdTiles;
-  constexpr int CB = kRegs == 32 && NV == 1 ? 16 : 8 / NV;  // channels per pass: 8 or 16
+  constexpr int CB = kRegs == 32 && NV == 1 ? 16 : 8 / NV;  // channels per pass (at most)
   const int64_t C = g.C, cb = std::min<int64_t>(CB, C), tw = g.Wo / 2, tiles = g.Ho / 2 * tw;
   for (int64_t t0 = 0; t0 < tiles; t0 += XB) {
     const int64_t n = std::min<int64_t>(XB, tiles - t0);
@@ -856,13 +856,8 @@ void winograd_dw_image(const Geometry& g, const float* xin, const float* gp, int
       }
     });
   }
-  if (!db) return;
-  Vec bacc[NV];
-  for (int v = 0; v < NV; ++v) bacc[v] = loadv<Vec>(db + v * L);
-  for (int64_t i = 0; i < g.Ho; ++i)
-    for (int64_t j = 0; j < g.Wo; ++j)
-      for (int v = 0; v < NV; ++v) bacc[v] += loadv<Vec>(gp + i * grow + (j * NV + v) * L);
-  for (int v = 0; v < NV; ++v) storev(db + v * L, bacc[v]);
+  if (db)
+    for (int64_t i = 0; i < g.Ho; ++i) add_rows(db, gp + i * grow, g.Wo, NV * L);
 }
 
 // What cnn_conv computes once per call, before its images: the kernel packed for the direct
@@ -940,7 +935,7 @@ struct DwPlan {
         taps(dw_size + (std::max(nv * 8, geom.C) + 7) / 8 * 8),  // db: whole vectors
         per_group(std::max(kDwGroup, (geom.B + kDwGroups - 1) / kDwGroups)),
         groups((geom.B + per_group - 1) / per_group),
-        off(tap_offsets(geom)),
+        off(wino ? std::vector<int64_t>{} : tap_offsets(geom)),
         part(groups * taps, 0.0f) {}
   float* part_of(int64_t group) { return &part[group * taps]; }
   float* db_part_of(int64_t group) { return part_of(group) + dw_size; }
