@@ -863,8 +863,8 @@ _batch_norm_train.defvjp(_bn_forward, _batch_norm_train_bwd)
 
 def _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     mean, var_raw, var, r = _bn_stats(x, mask_B, sums_B2C, eps)
-    y, at = native.bn_max_pool(x, *_bn_affine(mean, r, scale_C, bias_C), win)
-    return (y, mean, var), (x, at, scale_C, mask_B, mean, var_raw, r)
+    y, at, x_at = native.bn_max_pool(x, *_bn_affine(mean, r, scale_C, bias_C), win)
+    return (y, mean, var), (x, at, x_at, scale_C, mask_B, mean, var_raw, r)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -876,10 +876,10 @@ def _bn_pool_train(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
 def _bn_pool_grad_terms(win, res, cotangents):
     """From the pooled gradient: (inv, c1, c2, w_B), the terms of batch norm's input gradient
     (`native.bn_max_pool_grad`), and the gradients in scale and bias."""
-    x, at, scale_C, mask_B, mean, var_raw, r = res
+    x, _, x_at, scale_C, mask_B, mean, var_raw, r = res
     g_y, g_mean, g_var = cotangents
     w, count = _bn_weights(x, mask_B)
-    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, at, x, mean, win), axis=0)
+    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, x_at, mean), axis=0)
     inv, d_scale, c1, c2 = _bn_grad_terms(
         d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
     )
@@ -889,7 +889,7 @@ def _bn_pool_grad_terms(win, res, cotangents):
 
 def _bn_pool_backward(win, eps, res, cotangents):
     del eps
-    x, at, mask_B = res[0], res[1], res[3]
+    x, at, mask_B = res[0], res[1], res[4]
     terms, d_scale, d_bias = _bn_pool_grad_terms(win, res, cotangents)
     d_x = native.bn_max_pool_grad(cotangents[0], at, x, *terms, win)
     return d_x, d_scale, d_bias, _no_gradient(mask_B), None
@@ -913,7 +913,7 @@ def _conv_bn_pool_train(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps)
 def _conv_bn_pool_backward(pads, win, eps, res, cotangents):
     del eps
     x, w_HWIO, b_O, bn_res = res
-    a, at, mask_B = bn_res[0], bn_res[1], bn_res[3]
+    a, at, mask_B = bn_res[0], bn_res[1], bn_res[4]
     terms, d_scale, d_bias = _bn_pool_grad_terms(win, bn_res, cotangents)
     dx, dw, db = native.conv_pool_grads(x, w_HWIO, b_O, pads, a, cotangents[0], at, *terms, win)
     return dx, dw, db, d_scale, d_bias, _no_gradient(mask_B)

@@ -10,7 +10,8 @@ is read. So the relu and the batch norm's statistics take no pass over memory of
 
 `bn_max_pool`, `bn_max_pool_sums` and `bn_max_pool_grad` are training's batch norm followed by
 a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and
-pools, and the backward pass needs only the pooled gradient. `conv_pool_grads` takes the
+pools, keeping the input at each maximum, so that batch norm's sums in the backward pass read
+only pooled-size arrays. `conv_pool_grads` takes the
 gradients of a relu'd conv under them in one call, without `bn_max_pool_grad`'s full-size
 gradient ever being written: it is made image by image where the conv's input- and
 kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`). `conv_pw` is a relu'd
@@ -359,24 +360,25 @@ def _pooled_shape(x_BHWC: Array, win) -> tuple[int, ...]:
     return (b, h // win[0], w // win[1], c)
 
 
-def bn_max_pool(x_BHWC: Array, inv_C: Array, shift_C: Array, win) -> tuple[Array, Array]:
+def bn_max_pool(x_BHWC: Array, inv_C: Array, shift_C: Array, win) -> tuple[Array, Array, Array]:
     """Max over non-overlapping windows of x * inv + shift: (pooled, place of each maximum in
-    its window, row-major, uint8; the first of ties)."""
+    its window, row-major, uint8, the first of ties; x at that place)."""
     require()
     shape = _pooled_shape(x_BHWC, win)
-    out = (_f32(shape), jax.ShapeDtypeStruct(shape, jnp.uint8))
+    out = (_f32(shape), jax.ShapeDtypeStruct(shape, jnp.uint8), _f32(shape))
     return jax.ffi.ffi_call("cnn_bn_pool", out, vmap_method="sequential")(
         x_BHWC, inv_C, shift_C, **_window(win)
     )
 
 
-def bn_max_pool_sums(g_BHWC: Array, at_BHWC: Array, x_BHWC: Array, mean_C: Array, win) -> Array:
-    """Per image and channel (B, 2, C): sum g, and sum g * (x - mean) at each maximum's place."""
+def bn_max_pool_sums(g_BPQC: Array, x_at_BPQC: Array, mean_C: Array) -> Array:
+    """Per image and channel (B, 2, C): sum g, and sum g * (x_at - mean), from the pooled
+    gradient g and x at each maximum's place (`bn_max_pool`'s third output)."""
     require()
-    b, c = x_BHWC.shape[0], x_BHWC.shape[3]
+    b, c = g_BPQC.shape[0], g_BPQC.shape[3]
     out = _f32((b, 2, c))
     return jax.ffi.ffi_call("cnn_bn_pool_sums", out, vmap_method="sequential")(
-        g_BHWC, at_BHWC, x_BHWC, mean_C, **_window(win)
+        g_BPQC, x_at_BPQC, mean_C
     )
 
 

@@ -462,7 +462,7 @@ def test_pool_gradient_made_as_read_is_the_same_bits(x_shape, w_shape, pads, win
         return native.conv(x, w, pads, b, relu=True)
 
     a, vjp = jax.vjp(relu_conv, x, w, b)
-    pooled, at = native.bn_max_pool(a, inv, shift, window)
+    pooled, at, _ = native.bn_max_pool(a, inv, shift, window)
     g = _rand(44, pooled.shape)
     want = vjp(native.bn_max_pool_grad(g, at, a, inv, c1, c2, w_B, window))
     got = jax.jit(native.conv_pool_grads, static_argnums=(3, 11))(
@@ -474,6 +474,40 @@ def test_pool_gradient_made_as_read_is_the_same_bits(x_shape, w_shape, pads, win
             assert got_i is None, what
         else:
             np.testing.assert_array_equal(got_i, want_i, err_msg=what)
+
+
+@pytest.mark.parametrize("window,c", [((2, 2), 16), ((3, 2), 8)])
+def test_bn_pool_keeps_the_input_at_each_maximum_and_sums_from_it(window, c):
+    """bn_max_pool's third output is x at the place it returns (a negative inv: the smallest
+    x; a tied window: the first place); bn_max_pool_sums reads only it and the pooled g."""
+    rng = np.random.default_rng(52)
+    x = rng.standard_normal((3, 7, 9, c)).astype(np.float32)
+    x[0, :3, :2, :] = 0.5  # the first window tied (2x2 or 3x2)
+    inv = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    inv[1] = -inv[1]
+    shift, mean = _rand(53, (c,)), _rand(54, (c,))
+    pooled, at, x_at = jax.jit(native.bn_max_pool, static_argnums=3)(x, inv, shift, window)
+    kh, kw = window
+    hq, wq = 7 // kh, 9 // kw
+    win_x = x[:, : hq * kh, : wq * kw].reshape(3, hq, kh, wq, kw, c).transpose(0, 1, 3, 2, 4, 5)
+    win_x = win_x.reshape(3, hq, wq, kh * kw, c)
+    z = (win_x.astype(np.float64) * inv + shift).astype(np.float32)  # as one fma rounds it
+    np.testing.assert_array_equal(at, np.argmax(z, axis=3))
+    np.testing.assert_array_equal(pooled, np.max(z, axis=3))
+    np.testing.assert_array_equal(
+        x_at,
+        np.take_along_axis(win_x, np.asarray(at)[:, :, :, None].astype(np.int64), 3)[:, :, :, 0],
+    )
+    np.testing.assert_array_equal(np.asarray(at)[0, 0, 0], 0)  # the tie: the first place
+    np.testing.assert_array_equal(x_at[0, 0, 0], 0.5)
+    g = _rand(55, pooled.shape)
+    sums = native.bn_max_pool_sums(g, x_at, mean)
+    want = np.stack([g.sum((1, 2)), (g * (np.asarray(x_at) - mean)).sum((1, 2))], axis=1)
+    np.testing.assert_allclose(sums, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="g and xa of one shape"):
+        native.bn_max_pool_sums(g, x_at[:, :1], mean)
+    with pytest.raises(Exception, match=r"mean \(C,\)"):
+        native.bn_max_pool_sums(g, x_at, mean[:4])
 
 
 def test_pool_gradients_refuse_operands_that_do_not_match():

@@ -1156,9 +1156,10 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // Training's batch norm z = a * inv + shift (per channel) followed by a max pool over
 // non-overlapping KH x KW windows (VALID: rows and columns past the last window are unused).
 // cnn_bn_pool:       p = the first maximum of z in each window (row-major order, as
-//                    lax.reduce_window's derivative takes it); idx = its place in the window.
-// cnn_bn_pool_sums:  per image and channel, sum g and sum g * (a - mean) at those places:
-//                    batch norm's two reductions of its output gradient, which is zero elsewhere.
+//                    lax.reduce_window's derivative takes it); idx = its place in the window;
+//                    xa = a there (pooled-size, so that the sums need not read a again).
+// cnn_bn_pool_sums:  per image and channel, sum g and sum g * (xa - mean): batch norm's two
+//                    reductions of its output gradient, which is zero off those places.
 // cnn_bn_pool_grad:  d = (c1 + a * c2) * w[b] + gz * inv, gz = g at the place, 0 elsewhere:
 //                    batch norm's input gradient, with c1 and c2 computed from the sums
 //                    (PoolGrad, pool_grad_row).
@@ -1187,7 +1188,7 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
 // The channels are NV vectors of 8 (C = 8 * NV): each window is a few vector operations.
 template <int NV>
 void bn_pool_image(const PoolGeometry& g, const int64_t* off, const float* ab, const float* iv,
-                   const float* sh, float* pb, uint8_t* ib) {
+                   const float* sh, float* pb, uint8_t* ib, float* xb) {
   const int64_t C = g.C, K = g.KH * g.KW;
   for (int64_t i = 0; i < g.Ho; ++i)
     for (int64_t j = 0; j < g.Wo; ++j) {
@@ -1195,40 +1196,38 @@ void bn_pool_image(const PoolGeometry& g, const int64_t* off, const float* ab, c
       const int64_t o = (i * g.Wo + j) * C;
       for (int v = 0; v < NV; ++v) {
         const v8 inv = load8(iv + 8 * v), shift = load8(sh + 8 * v);
-        v8 best = load8(aw + off[0] + 8 * v) * inv + shift;
+        v8 xat = load8(aw + off[0] + 8 * v), best = xat * inv + shift;
         v8i at = v8i{};
         for (int64_t k = 1; k < K; ++k) {
-          const v8 z = load8(aw + off[k] + 8 * v) * inv + shift;
+          const v8 xk = load8(aw + off[k] + 8 * v), z = xk * inv + shift;
           const v8i more = z > best;  // strictly: the first maximum keeps its place
           best = more ? z : best;
+          xat = more ? xk : xat;
           at = more ? v8i{} + int32_t(k) : at;
         }
         *reinterpret_cast<v8u*>(pb + o + 8 * v) = best;
+        *reinterpret_cast<v8u*>(xb + o + 8 * v) = xat;
         const u8x8 at8 = __builtin_convertvector(at, u8x8);
         std::memcpy(ib + o + 8 * v, &at8, 8);
       }
     }
 }
 
+// One image's sums from its n pooled places (gb: g, xb: a there), C = NV * 8 channels.
 template <int NV>
-void bn_pool_sums_image(const PoolGeometry& g, const int64_t* off, const float* gb,
-                        const uint8_t* ib, const float* ab, const float* mu, float* sb) {
-  const int64_t C = g.C, K = g.KH * g.KW;
-  v8 s_g[NV], s_ga[NV];
-  for (int v = 0; v < NV; ++v) s_g[v] = s_ga[v] = v8{};
-  for (int64_t i = 0; i < g.Ho; ++i)
-    for (int64_t j = 0; j < g.Wo; ++j) {
-      const float* aw = ab + g.window(i, j);
-      const int64_t o = (i * g.Wo + j) * C;
-      for (int v = 0; v < NV; ++v) {
-        const v8i at = load_places(ib + o + 8 * v);
-        v8 a_at = v8{};
-        for (int64_t k = 0; k < K; ++k)
-          a_at = at == int32_t(k) ? load8(aw + off[k] + 8 * v) : a_at;
-        const v8 gv = load8(gb + o + 8 * v);
-        s_g[v] += gv;
-        s_ga[v] += gv * (a_at - load8(mu + 8 * v));
-      }
+void bn_pool_sums_image(int64_t n, const float* gb, const float* xb, const float* mu,
+                        float* sb) {
+  constexpr int64_t C = NV * 8;
+  v8 s_g[NV], s_ga[NV], m[NV];
+  for (int v = 0; v < NV; ++v) {
+    s_g[v] = s_ga[v] = v8{};
+    m[v] = load8(mu + 8 * v);
+  }
+  for (int64_t o = 0; o < n * C; o += C)
+    for (int v = 0; v < NV; ++v) {
+      const v8 gv = load8(gb + o + 8 * v);
+      s_g[v] += gv;
+      s_ga[v] += gv * (load8(xb + o + 8 * v) - m[v]);
     }
   for (int v = 0; v < NV; ++v) {
     *reinterpret_cast<v8u*>(sb + 8 * v) = s_g[v];
@@ -1238,44 +1237,48 @@ void bn_pool_sums_image(const PoolGeometry& g, const int64_t* off, const float* 
 
 ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> inv,
                       ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> p,
-                      ffi::ResultBuffer<ffi::U8> idx, int64_t kh, int64_t kw) {
+                      ffi::ResultBuffer<ffi::U8> idx, ffi::ResultBuffer<ffi::F32> xa, int64_t kh,
+                      int64_t kw) {
   PoolGeometry g;
   if (auto e = pool_geometry(a.dimensions(), p->dimensions(), kh, kw, g); e.failure()) return e;
+  if (!same_dims(xa->dimensions(), p->dimensions()) || !same_dims(idx->dimensions(), p->dimensions()))
+    return ffi::Error::InvalidArgument("cnn_bn_pool: expects places and values shaped as p");
   const std::vector<int64_t> off = g.places();
   const float *as = a.typed_data(), *iv = inv.typed_data(), *sh = shift.typed_data();
   float* ps = p->typed_data();
   uint8_t* is = idx->typed_data();
+  float* xs = xa->typed_data();
   const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
   auto body = [&](int64_t b, int64_t) {
     const float* ab = as + b * n_in;
     with_vectors(g.C / 8, [&](auto nv) {
-      bn_pool_image<nv>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out);
+      bn_pool_image<nv>(g, off.data(), ab, iv, sh, ps + b * n_out, is + b * n_out,
+                        xs + b * n_out);
     });
   };
   parallel_for(pool, g.B, workers_of(pool), body);
   return ffi::Error::Success();
 }
 
-ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp, ffi::Buffer<ffi::U8> idx,
-                          ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> mean,
-                          ffi::ResultBuffer<ffi::F32> s, int64_t kh, int64_t kw) {
-  PoolGeometry g;
-  if (auto e = pool_geometry(a.dimensions(), gp.dimensions(), kh, kw, g); e.failure()) return e;
-  if (int64_t(s->element_count()) != g.B * 2 * g.C)
-    return ffi::Error::InvalidArgument("cnn_bn_pool_sums: expects sums shaped (B, 2, C)");
-  const std::vector<int64_t> off = g.places();
-  const float *gs = gp.typed_data(), *as = a.typed_data(), *mu = mean.typed_data();
-  const uint8_t* is = idx.typed_data();
+ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp,
+                          ffi::Buffer<ffi::F32> xa, ffi::Buffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> s) {
+  auto pd = gp.dimensions();
+  if (pd.size() != 4 || !same_dims(xa.dimensions(), pd) || pd[3] % 8 != 0 || pd[3] < 8 ||
+      pd[3] > 32 || int64_t(mean.element_count()) != pd[3] ||
+      int64_t(s->element_count()) != pd[0] * 2 * pd[3])
+    return ffi::Error::InvalidArgument(
+        "cnn_bn_pool_sums: expects NHWC g and xa of one shape with 8, 16, 24 or 32 channels,"
+        " mean (C,) and sums (B, 2, C)");
+  const int64_t C = pd[3], n = pd[1] * pd[2];
+  const float *gs = gp.typed_data(), *xs = xa.typed_data(), *mu = mean.typed_data();
   float* ss = s->typed_data();
-  const int64_t n_in = g.H * g.W * g.C, n_out = g.Ho * g.Wo * g.C;
   auto body = [&](int64_t b, int64_t) {  // per image: the bits do not depend on the threads
-    const float *gb = gs + b * n_out, *ab = as + b * n_in;
-    const uint8_t* ib = is + b * n_out;
-    float* sb = ss + b * 2 * g.C;
-    with_vectors(g.C / 8,
-                 [&](auto nv) { bn_pool_sums_image<nv>(g, off.data(), gb, ib, ab, mu, sb); });
+    with_vectors(C / 8, [&](auto nv) {
+      bn_pool_sums_image<nv>(n, gs + b * n * C, xs + b * n * C, mu, ss + b * 2 * C);
+    });
   };
-  parallel_for(pool, g.B, workers_of(pool), body);
+  parallel_for(pool, pd[0], workers_of(pool), body);
   return ffi::Error::Success();
 }
 
@@ -1998,11 +2001,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConv, ConvImpl,
 // x, g, mask source, terms -> dw, db (zeros unless bias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnConvDw, ConvDwImpl,
                               binding_of(ConvDwImpl, CNN_PADS, "mask", "bias", "swap", "terms"));
-// a, inv, shift -> pooled, place of each window's maximum
+// a, inv, shift -> pooled, place of each window's maximum, a at that place
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPool, BnPoolImpl, binding_of(BnPoolImpl, "kh", "kw"));
-// pooled gradient, places, a, mean -> per-image sums (B, 2, C)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolSums, BnPoolSumsImpl,
-                              binding_of(BnPoolSumsImpl, "kh", "kw"));
+// pooled gradient, a at the places, mean -> per-image sums (B, 2, C)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolSums, BnPoolSumsImpl, binding_of(BnPoolSumsImpl));
 // pooled gradient, places, a, inv, c1, c2, row weights -> the gradient in a
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnBnPoolGrad, BnPoolGradImpl,
                               binding_of(BnPoolGradImpl, "kh", "kw"));
