@@ -626,7 +626,8 @@ inline void winograd_column(const float* q, int64_t row, int64_t n, v8 (&u)[4][4
 }
 
 // (B^T d) B of the tile from its four columns u into V[xi * stride], xi = 4 * i + j.
-inline void winograd_rows(const v8 (&u)[4][4], float* V, int64_t stride) {
+template <class Stride>
+inline void winograd_rows(const v8 (&u)[4][4], float* V, Stride stride) {
   for (int i = 0; i < 4; ++i) {
     float* v = V + 4 * i * stride;
     *reinterpret_cast<v8u*>(v) = u[i][0] - u[i][2];
@@ -638,10 +639,20 @@ inline void winograd_rows(const v8 (&u)[4][4], float* V, int64_t stride) {
 
 // B^T d B of the n tiles t0, t0 + 1, .. (row-major among the Ho / 2 x Wo / 2 tiles) of xin,
 // padded as g says (Hp = Ho + 2, Wp = Wo + 2), into V[xi][k][Cp]: Cp = C rounded up to 8,
-// places xi XB * Cp floats apart.
-inline void winograd_inputs(const Geometry& g, const float* xin, int64_t t0, int64_t n, float* V,
-                            int64_t XB) {
-  const int64_t C = g.C, Cp = (C + 7) / 8 * 8, tw = g.Wo / 2, row = g.Wp * C;
+// places xi XB * Cp floats apart. CC: C (8 or 16) known at compile time, or 0: the 16 stores
+// of a tile are then at constant offsets from one register (with a run-time stride, GCC kept
+// their addresses in vector registers, and moving them back took a third of the time).
+template <int XB, int CC>
+inline void winograd_inputs_c(const Geometry& g, const float* xin, int64_t t0, int64_t n,
+                              float* V) {
+  const int64_t C = CC ? CC : g.C, Cp = CC ? CC : (C + 7) / 8 * 8, tw = g.Wo / 2,
+                row = g.Wp * C;
+  const auto stride = [&] {
+    if constexpr (CC != 0)
+      return std::integral_constant<int64_t, XB * CC>{};
+    else
+      return XB * Cp;
+  }();
   for (int64_t c0 = 0; c0 < C; c0 += 8) {  // a tile's last two columns are the next's first
     v8 u[4][4];
     for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
@@ -658,9 +669,17 @@ inline void winograd_inputs(const Geometry& g, const float* xin, int64_t t0, int
       }
       winograd_column(p + 2 * C, row, C - c0, u, 2);
       winograd_column(p + 3 * C, row, C - c0, u, 3);
-      winograd_rows(u, V + k * Cp + c0, XB * Cp);
+      winograd_rows(u, V + k * Cp + c0, stride);
     }
   }
+}
+
+template <int XB>
+inline void winograd_inputs(const Geometry& g, const float* xin, int64_t t0, int64_t n,
+                            float* V) {
+  if (g.C == 16) return winograd_inputs_c<XB, 16>(g, xin, t0, n, V);
+  if (g.C == 8) return winograd_inputs_c<XB, 8>(g, xin, t0, n, V);
+  winograd_inputs_c<XB, 0>(g, xin, t0, n, V);
 }
 
 // M[k][NV * L] = sum_c V[k][c] * U[c][NV * L] for the XB tiles k of a block (V rows Cp apart).
@@ -712,7 +731,7 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
   }
   for (int64_t b = 0, t0 = 0; b < nb; ++b) {
     const int64_t n = narrow + (b < wide);
-    winograd_inputs(g, xin, t0, n, V, XB);
+    winograd_inputs<XB>(g, xin, t0, n, V);
     with_count<XB>(n, [&](auto r) {
       auto product = [&](auto cc) {
         for (int xi = 0; xi < 16; ++xi)
@@ -843,7 +862,7 @@ void winograd_dw_image(const Geometry& g, const float* xin, const float* gp, int
   const int64_t C = g.C, cb = std::min<int64_t>(CB, C), tw = g.Wo / 2, tiles = g.Ho / 2 * tw;
   for (int64_t t0 = 0; t0 < tiles; t0 += XB) {
     const int64_t n = std::min<int64_t>(XB, tiles - t0);
-    winograd_inputs(g, xin, t0, n, work, XB);  // V[16][XB][C]
+    winograd_inputs<XB>(g, xin, t0, n, work);  // V[16][XB][C]
     each_place([&](auto xi) {
       constexpr int R = decltype(xi)::value / 4, S = decltype(xi)::value % 4;
       for (int64_t c0 = 0; c0 < C; c0 += cb) {
