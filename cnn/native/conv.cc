@@ -1208,8 +1208,10 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
 template <int NV>
 void bn_pool_image(const PoolGeometry& g, const int64_t* off, const float* ab, const float* iv,
                    const float* sh, float* pb, uint8_t* ib, float* xb) {
-  const int64_t C = g.C, K = g.KH * g.KW;
-  for (int64_t i = 0; i < g.Ho; ++i)
+  const int64_t C = g.C, K = g.KH * g.KW, band = g.KH * g.W * C;  // a row of windows' floats
+  for (int64_t i = 0; i < g.Ho; ++i) {
+    if (i + 1 < g.Ho)  // the next row of windows, while this one is pooled
+      for (int64_t f = 0; f < band; f += 16) __builtin_prefetch(ab + (i + 1) * band + f);
     for (int64_t j = 0; j < g.Wo; ++j) {
       const float* aw = ab + g.window(i, j);
       const int64_t o = (i * g.Wo + j) * C;
@@ -1230,6 +1232,7 @@ void bn_pool_image(const PoolGeometry& g, const int64_t* off, const float* ab, c
         std::memcpy(ib + o + 8 * v, &at8, 8);
       }
     }
+  }
 }
 
 // One image's sums from its n pooled places (gb: g, xb: a there), C = NV * 8 channels.
