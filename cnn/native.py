@@ -8,15 +8,15 @@ with stats, adds the output and its square to each image's per-channel sums (a b
 statistics); the relu's derivative (0 where the output is 0) is applied as the output gradient
 is read. So the relu and the batch norm's statistics take no pass over memory of their own.
 
-`bn_max_pool`, `bn_max_pool_sums` and `bn_max_pool_grad` are training's batch norm followed by
-a max pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and
-pools, keeping the input at each maximum, so that batch norm's sums in the backward pass read
-only pooled-size arrays. `conv_pool_grads` takes the
-gradients of a relu'd conv under them in one call, without `bn_max_pool_grad`'s full-size
-gradient ever being written: it is made image by image where the conv's input- and
-kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`). `conv_pw` is a relu'd
-conv followed by a relu'd 1x1 conv, one call each way (`layers.conv2d_relu_conv1x1`): the 1x1
-reads the conv's output in cache, and the gradient in it is never written.
+`bn_max_pool`, `bn_max_pool_sums` and `bn_max_pool_grad` are training's batch norm followed by a max
+pool over non-overlapping windows (`layers.batch_norm_max_pool`): one pass normalizes and pools,
+keeping the input at each maximum, so that batch norm's sums in the backward pass read only
+pooled-size arrays. `conv_pool_grads` takes the gradients of a relu'd conv under them in one call,
+without `bn_max_pool_grad`'s full-size gradient ever being written: it is made image by image where
+the conv's input- and kernel-gradient kernels read it (`layers.conv2d_batch_norm_max_pool`).
+`conv_pw` is a relu'd conv followed by a relu'd 1x1 conv, one call each way
+(`layers.conv2d_relu_conv1x1`): the 1x1 reads the conv's output in cache, and the gradient in it is
+never written.
 
 `affine_warp` rotates and shifts images with bilinear sampling (`cnn.augment.affine_warp`).
 

@@ -1263,7 +1263,8 @@ ffi::Error BnPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
                       int64_t kw) {
   PoolGeometry g;
   if (auto e = pool_geometry(a.dimensions(), p->dimensions(), kh, kw, g); e.failure()) return e;
-  if (!same_dims(xa->dimensions(), p->dimensions()) || !same_dims(idx->dimensions(), p->dimensions()))
+  if (!same_dims(xa->dimensions(), p->dimensions()) ||
+      !same_dims(idx->dimensions(), p->dimensions()))
     return ffi::Error::InvalidArgument("cnn_bn_pool: expects places and values shaped as p");
   const std::vector<int64_t> off = g.places();
   const float *as = a.typed_data(), *iv = inv.typed_data(), *sh = shift.typed_data();
