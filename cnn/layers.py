@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import chex
 import jax
@@ -861,10 +862,24 @@ def _no_gradient(a: Array | None):
 _batch_norm_train.defvjp(_bn_forward, _batch_norm_train_bwd)
 
 
+class _BnPoolResiduals(NamedTuple):
+    """What the batch-norm-max-pool backward reads: x_BHWC, each window's place of its maximum
+    (at) and the input there (x_at, pooled size), and the statistics it was normalized by."""
+
+    x: Array
+    at: Array
+    x_at: Array
+    scale_C: Array
+    mask_B: Array | None
+    mean: Array
+    var_raw: Array
+    r: Array
+
+
 def _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     mean, var_raw, var, r = _bn_stats(x, mask_B, sums_B2C, eps)
     y, at, x_at = native.bn_max_pool(x, *_bn_affine(mean, r, scale_C, bias_C), win)
-    return (y, mean, var), (x, at, x_at, scale_C, mask_B, mean, var_raw, r)
+    return (y, mean, var), _BnPoolResiduals(x, at, x_at, scale_C, mask_B, mean, var_raw, r)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -873,26 +888,24 @@ def _bn_pool_train(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     return _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps)[0]
 
 
-def _bn_pool_grad_terms(win, res, cotangents):
+def _bn_pool_grad_terms(win, res: _BnPoolResiduals, cotangents):
     """From the pooled gradient: (inv, c1, c2, w_B), the terms of batch norm's input gradient
     (`native.bn_max_pool_grad`), and the gradients in scale and bias."""
-    x, _, x_at, scale_C, mask_B, mean, var_raw, r = res
     g_y, g_mean, g_var = cotangents
-    w, count = _bn_weights(x, mask_B)
-    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, x_at, mean), axis=0)
+    w, count = _bn_weights(res.x, res.mask_B)
+    d_bias, d_inv = jnp.sum(native.bn_max_pool_sums(g_y, res.x_at, res.mean), axis=0)
     inv, d_scale, c1, c2 = _bn_grad_terms(
-        d_bias, d_inv, g_mean, g_var, scale_C, mean, var_raw, r, count
+        d_bias, d_inv, g_mean, g_var, res.scale_C, res.mean, res.var_raw, res.r, count
     )
-    w_B = jnp.ones(x.shape[0], x.dtype) if w is None else w.reshape(-1)
+    w_B = jnp.ones(res.x.shape[0], res.x.dtype) if w is None else w.reshape(-1)
     return (inv, c1, c2, w_B), d_scale, d_bias
 
 
-def _bn_pool_backward(win, eps, res, cotangents):
+def _bn_pool_backward(win, eps, res: _BnPoolResiduals, cotangents):
     del eps
-    x, at, mask_B = res[0], res[1], res[4]
     terms, d_scale, d_bias = _bn_pool_grad_terms(win, res, cotangents)
-    d_x = native.bn_max_pool_grad(cotangents[0], at, x, *terms, win)
-    return d_x, d_scale, d_bias, _no_gradient(mask_B), None
+    d_x = native.bn_max_pool_grad(cotangents[0], res.at, res.x, *terms, win)
+    return d_x, d_scale, d_bias, _no_gradient(res.mask_B), None
 
 
 _bn_pool_train.defvjp(_bn_pool_forward, _bn_pool_backward)
@@ -912,11 +925,12 @@ def _conv_bn_pool_train(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps)
 
 def _conv_bn_pool_backward(pads, win, eps, res, cotangents):
     del eps
-    x, w_HWIO, b_O, bn_res = res
-    a, at, mask_B = bn_res[0], bn_res[1], bn_res[4]
+    x, w_HWIO, b_O, bn_res = res  # bn_res.x: the relu'd conv output that was normalized
     terms, d_scale, d_bias = _bn_pool_grad_terms(win, bn_res, cotangents)
-    dx, dw, db = native.conv_pool_grads(x, w_HWIO, b_O, pads, a, cotangents[0], at, *terms, win)
-    return dx, dw, db, d_scale, d_bias, _no_gradient(mask_B)
+    dx, dw, db = native.conv_pool_grads(
+        x, w_HWIO, b_O, pads, bn_res.x, cotangents[0], bn_res.at, *terms, win
+    )
+    return dx, dw, db, d_scale, d_bias, _no_gradient(bn_res.mask_B)
 
 
 _conv_bn_pool_train.defvjp(_conv_bn_pool_forward, _conv_bn_pool_backward)
