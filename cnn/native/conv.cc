@@ -1009,6 +1009,10 @@ bool same_dims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
+// 8, 16, 24 or 32: the channel counts of whole 8-lane vectors that the pooling kernels and the
+// middle of cnn_conv_pw take.
+bool whole_vectors(int64_t c) { return c % 8 == 0 && c >= 8 && c <= 32; }
+
 int64_t workers_of(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 // One call's scratch, `workers` slots of each size asked for, carved from a buffer of the
@@ -1196,7 +1200,7 @@ ffi::Error pool_geometry(ffi::Span<const int64_t> ad, ffi::Span<const int64_t> p
                          int64_t kw, PoolGeometry& g) {
   if (ad.size() != 4 || pd.size() != 4 || kh < 1 || kw < 1 || kh * kw > 255)
     return ffi::Error::InvalidArgument("cnn_bn_pool: expects NHWC arrays, windows of 1-255");
-  if (ad[3] % 8 != 0 || ad[3] < 8 || ad[3] > 32)
+  if (!whole_vectors(ad[3]))
     return ffi::Error::InvalidArgument("cnn_bn_pool: expects 8, 16, 24 or 32 channels");
   g = PoolGeometry{ad[0], ad[1], ad[2], ad[3], kh, kw, ad[1] / kh, ad[2] / kw};
   if (pd[0] != g.B || pd[1] != g.Ho || pd[2] != g.Wo || pd[3] != g.C)
@@ -1287,8 +1291,8 @@ ffi::Error BnPoolSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gp,
                           ffi::Buffer<ffi::F32> xa, ffi::Buffer<ffi::F32> mean,
                           ffi::ResultBuffer<ffi::F32> s) {
   auto pd = gp.dimensions();
-  if (pd.size() != 4 || !same_dims(xa.dimensions(), pd) || pd[3] % 8 != 0 || pd[3] < 8 ||
-      pd[3] > 32 || int64_t(mean.element_count()) != pd[3] ||
+  if (pd.size() != 4 || !same_dims(xa.dimensions(), pd) || !whole_vectors(pd[3]) ||
+      int64_t(mean.element_count()) != pd[3] ||
       int64_t(s->element_count()) != pd[0] * 2 * pd[3])
     return ffi::Error::InvalidArgument(
         "cnn_bn_pool_sums: expects NHWC g and xa of one shape with 8, 16, 24 or 32 channels,"
@@ -1349,7 +1353,7 @@ ffi::Error ConvPoolGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "cnn_conv_pool_grads: expects NHWC x and a, the flipped kernel (KH, KW, O, C), dx shaped"
         " as x, dw (KH, KW, C, O) and db (O,)");
-  if (kh < 1 || kw < 1 || ad[3] % 8 != 0 || ad[3] > 32 || xd[3] > 32 || pd[0] != ad[0] ||
+  if (kh < 1 || kw < 1 || !whole_vectors(ad[3]) || xd[3] > 32 || pd[0] != ad[0] ||
       pd[1] != ad[1] / kh || pd[2] != ad[2] / kw || pd[3] != ad[3] ||
       !same_dims(at.dimensions(), pd) || int64_t(inv.element_count()) != ad[3] ||
       int64_t(c1.element_count()) != ad[3] || int64_t(c2.element_count()) != ad[3] ||
@@ -1428,7 +1432,7 @@ ffi::Error pw_geometry(const std::string& name, ffi::Span<const int64_t> xd,
                        int64_t pr, Geometry& g1, Geometry& g2) {
   if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] || wd[3] != M)
     return ffi::Error::InvalidArgument(name + ": expects NHWC x and y, and HWIO kernels");
-  if (xd[3] > 32 || M % 8 != 0 || M < 8 || M > 32 || N < 1 || N > 32 ||
+  if (xd[3] > 32 || !whole_vectors(M) || N < 1 || N > 32 ||
       std::min({pt, pb, pl, pr}) < 0 || pt >= wd[0] || pb >= wd[0] || pl >= wd[1] ||
       pr >= wd[1])
     return ffi::Error::InvalidArgument(
