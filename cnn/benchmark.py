@@ -602,11 +602,30 @@ def torch_device(platform: str) -> str:
     return "cuda"
 
 
+# Below glibc's 32 MiB ceiling for its dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX).
+LARGE_BLOCK_BYTES = 31 << 20
+
+
+def free_large_block(nbytes: int = LARGE_BLOCK_BYTES) -> None:
+    """Allocates and frees one block of nbytes: glibc then raises its mmap threshold to that
+    size (and its trim threshold to twice it), as it does after any process's first large free.
+
+    Before that, glibc maps every block over 128 KiB fresh and unmaps it on free: PyTorch on the
+    CPU then takes page faults on each step's activations, and `eip_session1_original` trained
+    at 2.6-4.0k images/s in a plain torch process here, against 6.2-10.3k after one 16 MiB
+    free (BENCHMARKS.md, 2026-12-02 midday). Ours does not change.
+    """
+    block = np.empty(nbytes, np.uint8)
+    del block
+
+
 class TorchPeer:
     """The same network, optimizer, data and augmentation trained with PyTorch, step by step.
 
-    device "cpu" uses 2 threads; "cuda" keeps the data on the GPU and lets cuDNN pick its
-    algorithms (`cudnn.benchmark`), as a PyTorch user on a GPU would.
+    device "cpu" uses 2 threads and starts after `free_large_block`, so that the ratio is
+    against PyTorch at its faster, not at glibc's first-use allocator state; "cuda" keeps the
+    data on the GPU and lets cuDNN pick its algorithms (`cudnn.benchmark`), as a PyTorch user
+    on a GPU would.
     """
 
     def __init__(self, config, model: Sequential, images_NHWC, labels_N, device: str = "cpu"):
@@ -614,6 +633,7 @@ class TorchPeer:
 
         if device == "cpu":
             torch.set_num_threads(2)
+            free_large_block()
         else:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(config.seed)

@@ -154,6 +154,18 @@ def test_peer_runs_in_rounds_between_our_chunks(monkeypatch):
     assert calls == [("ours", 2), ("peer", 2)] + [("ours", 2)] * 4 + [("peer", 8)]
 
 
+def test_cpu_peer_starts_after_a_large_free(monkeypatch):
+    freed, real = [], benchmark.free_large_block
+    monkeypatch.setattr(benchmark, "free_large_block", lambda: freed.append(True))
+    config = _small_config()
+    model = train.logits_model(models.get(config.model))
+    images, labels = benchmark.synthetic_mnist(n=16)
+    benchmark.TorchPeer(config, model, images, labels, "cpu")
+    assert freed == [True]
+    assert 16 << 20 <= benchmark.LARGE_BLOCK_BYTES < 32 << 20
+    real(1 << 20)  # runs anywhere: an allocation and a free
+
+
 def test_torch_peer_device_follows_ours(monkeypatch):
     assert benchmark.torch_device("cpu") == "cpu" and benchmark.torch_device("tpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
