@@ -888,7 +888,7 @@ def _bn_pool_train(x, scale_C, bias_C, mask_B, sums_B2C, win, eps):
     return _bn_pool_forward(x, scale_C, bias_C, mask_B, sums_B2C, win, eps)[0]
 
 
-def _bn_pool_grad_terms(win, res: _BnPoolResiduals, cotangents):
+def _bn_pool_grad_terms(res: _BnPoolResiduals, cotangents):
     """From the pooled gradient: (inv, c1, c2, w_B), the terms of batch norm's input gradient
     (`native.bn_max_pool_grad`), and the gradients in scale and bias."""
     g_y, g_mean, g_var = cotangents
@@ -903,7 +903,7 @@ def _bn_pool_grad_terms(win, res: _BnPoolResiduals, cotangents):
 
 def _bn_pool_backward(win, eps, res: _BnPoolResiduals, cotangents):
     del eps
-    terms, d_scale, d_bias = _bn_pool_grad_terms(win, res, cotangents)
+    terms, d_scale, d_bias = _bn_pool_grad_terms(res, cotangents)
     d_x = native.bn_max_pool_grad(cotangents[0], res.at, res.x, *terms, win)
     return d_x, d_scale, d_bias, _no_gradient(res.mask_B), None
 
@@ -926,7 +926,7 @@ def _conv_bn_pool_train(x, w_HWIO, b_O, scale_C, bias_C, mask_B, pads, win, eps)
 def _conv_bn_pool_backward(pads, win, eps, res, cotangents):
     del eps
     x, w_HWIO, b_O, bn_res = res  # bn_res.x: the relu'd conv output that was normalized
-    terms, d_scale, d_bias = _bn_pool_grad_terms(win, bn_res, cotangents)
+    terms, d_scale, d_bias = _bn_pool_grad_terms(bn_res, cotangents)
     dx, dw, db = native.conv_pool_grads(
         x, w_HWIO, b_O, pads, bn_res.x, cotangents[0], bn_res.at, *terms, win
     )

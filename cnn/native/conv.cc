@@ -81,6 +81,15 @@ inline void storev(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// f(std::integral_constant<int, CC>{}): CC = C where C is 8 or 16, the channel counts the
+// Winograd kernels unroll at compile time, else 0 (C read at run time).
+template <class F>
+void with_channels(int64_t C, F&& f) {
+  if (C == 16) return f(std::integral_constant<int, 16>{});
+  if (C == 8) return f(std::integral_constant<int, 8>{});
+  f(std::integral_constant<int, 0>{});
+}
+
 // f(std::integral_constant<int, NV>{}) for NV in 1..4 8-lane vectors (callers check nv <= 4).
 template <class F>
 void with_vectors(int64_t nv, F&& f) {
@@ -677,9 +686,7 @@ inline void winograd_inputs_c(const Geometry& g, const float* xin, int64_t t0, i
 template <int XB>
 inline void winograd_inputs(const Geometry& g, const float* xin, int64_t t0, int64_t n,
                             float* V) {
-  if (g.C == 16) return winograd_inputs_c<XB, 16>(g, xin, t0, n, V);
-  if (g.C == 8) return winograd_inputs_c<XB, 8>(g, xin, t0, n, V);
-  winograd_inputs_c<XB, 0>(g, xin, t0, n, V);
+  with_channels(g.C, [&](auto cc) { winograd_inputs_c<XB, cc>(g, xin, t0, n, V); });
 }
 
 // M[k][NV * L] = sum_c V[k][c] * U[c][NV * L] for the XB tiles k of a block (V rows Cp apart).
@@ -733,14 +740,11 @@ void winograd_image(const Geometry& g, const Epilogue& e, const float* xin, cons
     const int64_t n = narrow + (b < wide);
     winograd_inputs<XB>(g, xin, t0, n, V);
     with_count<XB>(n, [&](auto r) {
-      auto product = [&](auto cc) {
+      with_channels(C, [&](auto cc) {
         for (int xi = 0; xi < 16; ++xi)
           winograd_product<Vo, NV, r, cc>(V + xi * XB * Cp, Cp, C, U + xi * C * NV * L,
                                            M + xi * XB * NV * L);
-      };
-      if (C == 16) return product(std::integral_constant<int, 16>{});
-      if (C == 8) return product(std::integral_constant<int, 8>{});
-      product(std::integral_constant<int, 0>{});
+      });
     });
     for (int64_t k = 0, ti = t0 / tw, tj = t0 % tw; k < n; ++k, tj = tj + 1 < tw ? tj + 1 : 0) {
       if (k > 0 && tj == 0) ++ti;
